@@ -1,0 +1,282 @@
+"""One typed config object for a MAPD run.
+
+Every field has a default, so an empty TOML file (or none at all) gives the documented offline
+default: the embedded SmolLM2-135M student taught by a smoke-scale committee of two embedded
+teachers on SVAMP. Unknown keys and bad values are errors that name the key.
+
+Load order: defaults <- TOML file <- ``--set key=value`` overrides <- ``--limit``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    name: str = Field("svamp", description="Registered task name: gsm8k, svamp, strategyqa, logiqa.")
+    split: str = Field("train", description="Split the student is examined on (its mistakes are taught).")
+    source: str = Field(
+        "auto",
+        description="Local file/folder or Hugging Face hub id. 'auto': <data_dir>/<task> if it exists, else the hub.",
+    )
+    data_dir: str | None = Field(
+        None, description="Folder holding one sub-folder per task; default $MAPD_DATA_DIR or ../shared/data."
+    )
+    limit: int | None = Field(40, ge=1, description="Examine only the first N questions (None: the whole split).")
+
+
+class ModelConfig(_Section):
+    """A model reachable through ``dspy.LM``.
+
+    ``model`` is any LiteLLM/DSPy model string (``openai/gpt-4o-mini``, ``anthropic/...``,
+    ``gemini/...``, ``hosted_vllm/NAME``) or ``embedded:NAME``, which is served by the run's own
+    vLLM server. API keys are never stored here: name the environment variable that holds one.
+    """
+
+    model: str = Field(EMBEDDED_DEFAULT, description="dspy.LM model string, or embedded:NAME.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    max_tokens: int = Field(384, ge=1, description="Completion token limit per call.")
+    api_base: str | None = Field(None, description="OpenAI-compatible base URL (e.g. a vLLM server you run).")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (never the key itself)."
+    )
+    adapter: Literal["auto", "chat", "json"] = Field(
+        "auto", description="DSPy adapter. auto: json for vLLM-served models, chat otherwise."
+    )
+    structured_outputs: bool | None = Field(
+        None,
+        description="Send the signature's JSON schema as response_format (vLLM constrains decoding to it). "
+        "Default: on for vLLM-served models.",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
+    num_retries: int = Field(2, ge=0, description="Retries with backoff on transient errors (429, 5xx, timeouts).")
+
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty model string")
+        return value.strip()
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _looks_like_env_name(cls, value: str | None) -> str | None:
+        # Catch the classic slip of pasting the key itself here: it would then be written to disk.
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must be the NAME of an environment variable (like OPENAI_API_KEY), not a key")
+        return value
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.model.startswith("embedded:")
+
+
+class StudentConfig(ModelConfig):
+    served_name: str = Field(
+        "student-r0",
+        description="Name the student is served under. Version it per round: DSPy's cache ignores api_base.",
+    )
+
+
+class TeacherConfig(ModelConfig):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique teacher name (records key).")
+    temperature: float = Field(0.8, ge=0.0, le=2.0, description="Sampling temperature (reference code: 0.8).")
+
+
+class ServerConfig(_Section):
+    port: int = Field(0, ge=0, le=65535, description="Port for the managed vLLM server (0: a free port).")
+    startup_timeout_s: float = Field(420.0, gt=0, description="Seconds to wait for the server to become healthy.")
+    kv_cache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB (CPU builds).")
+    max_model_len: int = Field(2048, ge=256, description="Context length the server allocates for.")
+    enforce_eager: bool = Field(True, description="Skip torch.compile: starts in ~40 s instead of ~2 min on CPU.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+
+
+class ReviewConfig(_Section):
+    scale_min: int = Field(1, description="Lowest peer score.")
+    scale_max: int = Field(5, description="Highest peer score.")
+    threshold: float = Field(3.0, description="Acceptance threshold on the mean peer score.")
+    threshold_rule: Literal["gt", "ge"] = Field(
+        "gt", description="gt: accept if mean > threshold (reference code); ge: mean >= threshold."
+    )
+    require_correct_answer: bool = Field(
+        True, description="Also require the rationale's extracted answer to match the gold answer."
+    )
+    retry: Literal["none", "best_of_n", "refine"] = Field(
+        "none", description="Re-sample a rationale whose peer score misses the threshold (dspy.BestOfN / dspy.Refine)."
+    )
+    retry_attempts: int = Field(3, ge=1, le=10, description="Attempts per rationale when retry is on.")
+
+    @model_validator(mode="after")
+    def _threshold_inside_scale(self) -> "ReviewConfig":
+        if self.scale_min >= self.scale_max:
+            raise ValueError(f"scale_min ({self.scale_min}) must be below scale_max ({self.scale_max})")
+        if not self.scale_min <= self.threshold <= self.scale_max:
+            raise ValueError(
+                f"threshold {self.threshold} is outside the score scale [{self.scale_min}, {self.scale_max}]"
+            )
+        return self
+
+
+class EngineConfig(_Section):
+    concurrency: int = Field(8, ge=1, le=256, description="Questions processed at once.")
+    retry_failed: bool = Field(
+        False, description="Call again for keys whose stored record is a parse/validation failure."
+    )
+    cache: bool = Field(True, description="Use DSPy's response cache (disk) in addition to the run's records.")
+
+
+def _default_teachers() -> list[TeacherConfig]:
+    # Smoke-scale offline committee: the embedded model at two seeds' worth of sampling. Real
+    # distillation replaces these with strong models, e.g. model = "openai/gpt-4o-mini".
+    return [TeacherConfig(name="smol-a"), TeacherConfig(name="smol-b")]
+
+
+class RunConfig(_Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name: runs/<name>/.")
+    runs_dir: str = Field("runs", description="Folder holding one sub-folder per run.")
+    seed: int = Field(0, description="Seed for sampling choices.")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teachers: list[TeacherConfig] = Field(default_factory=_default_teachers, description="The committee (N >= 2).")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _committee_is_valid(self) -> "RunConfig":
+        if len(self.teachers) < 2:
+            raise ValueError(f"teachers: peer review needs at least 2 teachers, got {len(self.teachers)}")
+        names = [teacher.name for teacher in self.teachers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"teachers: duplicate teacher names {duplicates}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON-safe data. Holds env-var names only, never key values."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), limit: int | None = None) -> RunConfig:
+    """Build the run config from an optional TOML file, ``key=value`` overrides and ``--limit``."""
+    data: dict[str, Any] = {}
+    origin = "config"
+    if path is not None:
+        data = _read_toml(Path(path))
+        origin = str(path)
+    for override in overrides:
+        _apply_override(data, override)
+    if limit is not None:
+        data.setdefault("task", {})["limit"] = limit
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, origin)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value``; the value is parsed as TOML (numbers, booleans, lists), else a string.
+
+    List items are addressed by index: ``teachers.0.model=openai/gpt-4o-mini``.
+    """
+    key, sep, raw_value = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key=value")
+    value = _parse_value(raw_value.strip())
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        node = _descend(node, part, parts[depth + 1], key)
+    last = parts[-1]
+    if isinstance(node, list):
+        index = _list_index(last, node, key, allow_append=True)
+        if index == len(node):
+            node.append(value)
+        else:
+            node[index] = value
+    else:
+        node[last] = value
+
+
+def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
+    if isinstance(node, list):
+        index = _list_index(part, node, key, allow_append=True)
+        if index == len(node):
+            node.append({})
+        return node[index]
+    if part == "teachers" and part not in node:
+        # Overriding one teacher starts from the default committee, not an empty list.
+        node[part] = [teacher.model_dump(exclude_defaults=True) | {"name": teacher.name} for teacher in _default_teachers()]
+    if part not in node:
+        node[part] = [] if next_part.isdigit() else {}
+    if not isinstance(node[part], (dict, list)):
+        raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+    return node[part]
+
+
+def _list_index(part: str, node: list, key: str, allow_append: bool) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"--set {key}: '{part}' must be a list index (0, 1, ...)")
+    index = int(part)
+    if index > len(node) or (index == len(node) and not allow_append):
+        raise ConfigError(f"--set {key}: index {index} is past the end of a list of {len(node)}")
+    return index
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _describe_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid config"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in error and not isinstance(error["input"], (dict, list)):
+            message += f" (got {json.dumps(error['input'], default=str)[:80]})"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Command line: ``python -m mapd_dspy.run [CONFIG.toml] [--set key=value ...] [--stage ...] [--limit N]``.
+
+Exit codes: 0 success, 2 bad config or data (nothing written), 1 a run-time failure
+(e.g. the vLLM server did not start), 130 interrupted. Records written before a failure stay
+valid: run the same command again to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from rich.console import Console
+
+STAGE_CHOICES = ("exam", "teach", "review", "all")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mapd_dspy.run",
+        description="Mistake-Aware Peer-Review Distillation: exam the student, teach its mistakes, peer-review.",
+    )
+    parser.add_argument("config", nargs="?", help="TOML config file (default: built-in defaults, see configs/default.toml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set review.threshold=3.5 --set teachers.0.model=openai/gpt-4o-mini",
+    )
+    parser.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="run one stage, or all (default)")
+    parser.add_argument("--limit", type=int, help="examine only the first N questions (task.limit)")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    # Offline-safe defaults: LiteLLM would otherwise fetch its model price map at import.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+    from mapd_dspy.config import ConfigError, load_config
+    from mapd_dspy.engine import STAGES, Run, RunError
+    from mapd_dspy.summary import summary_tables
+    from mapd_dspy.tasks import TaskDataError
+
+    started = time.monotonic()
+    try:
+        config = load_config(args.config, args.overrides, args.limit)
+        stages = STAGES if args.stage == "all" else (args.stage,)
+        result = Run(config, console).execute(stages)
+    except (ConfigError, TaskDataError, RunError) as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: records written so far are kept; run the same command to resume")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a clear one-line failure beats a traceback for users
+        from mapd_dspy.serving import ServerError
+        from mapd_dspy.models import ModelError
+
+        if not isinstance(exc, (ServerError, ModelError)):
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    for table in summary_tables(result.summary):
+        console.print(table)
+    for stage in result.stages:
+        console.print(f"[dim]{stage.name}: {stage.items} items, {stage.calls} LLM calls, {stage.seconds:.0f} s[/]")
+    console.print(f"records and summary in {config.run_dir} (wall time {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
