@@ -40,6 +40,15 @@ class TaskConfig(_Section):
     )
     limit: int | None = Field(40, ge=1, description="Examine only the first N questions (None: the whole split).")
 
+    @field_validator("name")
+    @classmethod
+    def _task_is_registered(cls, value: str) -> str:
+        from mapd_dspy.tasks import available_tasks
+
+        if value.lower() not in available_tasks():
+            raise ValueError(f"unknown task {value!r}; available: {', '.join(available_tasks())}")
+        return value.lower()
+
 
 class ModelConfig(_Section):
     """A model reachable through ``dspy.LM``.

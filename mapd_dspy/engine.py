@@ -209,6 +209,8 @@ class Run:
         check_environment(self.config)
         examples = self.load_examples()  # bad data fails here, before the run folder is touched
         run_dir = self.config.run_dir
+        if "exam" not in stages and not (run_dir / "records.jsonl").exists():
+            raise RunError(f"no exam records in {run_dir}: run `--stage exam` first")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", self.config.public_dump())
         store = RecordStore(run_dir / "records.jsonl")

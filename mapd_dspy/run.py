@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         stages = STAGES if args.stage == "all" else (args.stage,)
         result = Run(config, console).execute(stages)
     except (ConfigError, TaskDataError, RunError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: records written so far are kept; run the same command to resume")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, (ServerError, ModelError)):
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
     for table in summary_tables(result.summary):
         console.print(table)
