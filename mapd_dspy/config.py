@@ -144,7 +144,7 @@ class ReviewConfig(_Section):
 
 
 class EngineConfig(_Section):
-    concurrency: int = Field(8, ge=1, le=256, description="Questions processed at once.")
+    concurrency: int = Field(16, ge=1, le=256, description="Questions processed at once.")
     retry_failed: bool = Field(
         False, description="Call again for keys whose stored record is a parse/validation failure."
     )

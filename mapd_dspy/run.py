@@ -8,6 +8,7 @@ valid: run the same command again to resume.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -29,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="run one stage, or all (default)")
     parser.add_argument("--limit", type=int, help="examine only the first N questions (task.limit)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show DSPy/LiteLLM warnings per call")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
@@ -38,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
+    if not args.verbose:
+        # Per-call warnings (e.g. truncated responses) would flood the progress bars; every such
+        # call is a failure record with its reason, counted in the summary.
+        logging.getLogger("dspy").setLevel(logging.ERROR)
+        logging.getLogger("LiteLLM").setLevel(logging.ERROR)
     # Offline-safe defaults: LiteLLM would otherwise fetch its model price map at import.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 

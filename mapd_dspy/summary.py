@@ -90,7 +90,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     overview.add_row("failures", failures or "none")
 
     teachers = Table(title="Per teacher")
-    for column in ("teacher", "explanations", "rationales", "correct", "reviews given", "mean peer score", "accepted", "acceptance"):
+    for column in ("teacher", "explained", "rationales", "right", "reviewed", "peer score", "accepted", "rate"):
         teachers.add_column(column, justify="left" if column == "teacher" else "right")
     for name, row in summary["teachers"].items():
         rate = f"{row['acceptance_rate']:.0%}" if row["acceptance_rate"] is not None else "-"

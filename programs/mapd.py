@@ -34,11 +34,21 @@ def read_answer(task: Any, example: Any, answer_text: object, reasoning: str = "
     return answer
 
 
+def checked_text(prediction: dspy.Prediction, field: str) -> str:
+    """The stripped text of an output field; empty text or the echoed template (``{field}``) is invalid."""
+    text = str(prediction.get(field) or "").strip()
+    if not text:
+        raise InvalidOutput(f"empty {field}")
+    if text.strip("{} ") == field:
+        raise InvalidOutput(f"the model echoed the output template {text!r} instead of writing a {field}")
+    return text
+
+
 def answer_fields(task: Any, example: Any, text_field: str):
     """A ``finish`` function for solve-style predictions (exam, rationale): answer + correctness."""
 
     def finish(prediction: dspy.Prediction) -> dict[str, Any]:
-        text = str(prediction.get(text_field) or "")
+        text = checked_text(prediction, text_field)
         answer = read_answer(task, example, prediction.get("answer"), text)
         if answer is None:
             raise InvalidOutput(f"no {task.name} answer found in {str(prediction.get('answer'))[:80]!r}")
@@ -128,10 +138,7 @@ class MAPDProgram(dspy.Module):
 
     def _explain(self, teacher: str, example: Any, student_response: str, allowed: bool) -> Record | None:
         def finish(prediction: dspy.Prediction) -> dict[str, Any]:
-            explanation = str(prediction.get("explanation") or "").strip()
-            if not explanation:
-                raise InvalidOutput("empty explanation")
-            return {"output": {"explanation": explanation}}
+            return {"output": {"explanation": checked_text(prediction, "explanation")}}
 
         inputs = {"question": example.question, "student_answer": student_response, "correct_answer": example.gold}
         key = record_key(example.id, "explain", teacher)
@@ -149,7 +156,7 @@ class MAPDProgram(dspy.Module):
 
         def finish(prediction: dspy.Prediction) -> dict[str, Any]:
             score = module.validated_score(prediction.get("score"))
-            output = {"critique": str(prediction.get("critique") or ""), "raw_score": prediction.get("score")}
+            output = {"critique": checked_text(prediction, "critique"), "raw_score": prediction.get("score")}
             return {"output": output, "score": score}
 
         key = record_key(example.id, "review", rationale.teacher, reviewer)

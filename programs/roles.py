@@ -78,11 +78,19 @@ def call_module(role: Role, module: dspy.Module, **inputs: Any) -> CallResult:
         try:
             prediction = module(**inputs)
         except AdapterParseError as exc:
-            failure = Failure(kind="parse_error", reason=_first_line(exc), raw=exc.lm_response)
+            failure = Failure(kind="parse_error", reason=_parse_error_reason(exc), raw=exc.lm_response)
         except Exception as exc:  # noqa: BLE001 - any provider/transport error is recorded, not raised
             failure = Failure(kind="lm_error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
     usage = _usage_of(prediction)
     return CallResult(prediction, failure, usage, round(time.monotonic() - started, 3))
+
+
+def _parse_error_reason(exc: AdapterParseError) -> str:
+    raw = (exc.lm_response or "").rstrip()
+    if raw.startswith("{") and not raw.endswith("}"):
+        # Small models often loop until max_tokens; say so, since raising max_tokens may help.
+        return "response cut off before the JSON object closed (max_tokens reached?)"
+    return _first_line(exc)
 
 
 def _first_line(exc: Exception) -> str:

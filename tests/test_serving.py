@@ -217,14 +217,6 @@ def _fake_openai_server_script(port: int, served_names: list[str]) -> str:
 
 
 # ----- integration --------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def embedded_student_dir(tmp_path_factory):
-    from mapd_dspy.models import resolve_model
-
-    cache_dir = os.environ.get("MAPD_CACHE_DIR") or tmp_path_factory.mktemp("mapd_cache")
-    return resolve_model("embedded:smollm2-135m-instruct", cache_dir=cache_dir)
-
-
 @pytest.mark.integration
 def test_real_vllm_serves_a_chat_completion(embedded_student_dir, tmp_path):
     server = VLLMServer(
