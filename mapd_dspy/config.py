@@ -97,6 +97,16 @@ class ModelConfig(_Section):
 
 
 class StudentConfig(ModelConfig):
+    """The student is always vLLM-served: by the run's own server (``model`` = ``embedded:NAME``, a
+    local Hugging Face folder or a hub id) or by a running server given as ``api_base``."""
+
+    model: str = Field(
+        EMBEDDED_DEFAULT,
+        description="embedded:NAME, a local HF model folder or a hub id, served by the run's vLLM server.",
+    )
+    api_base: str | None = Field(
+        None, description="Attach to a running vLLM server at this URL instead (it must serve served_name)."
+    )
     served_name: str = Field(
         "student-r0",
         description="Name the student is served under. Version it per round: DSPy's cache ignores api_base.",
@@ -111,10 +121,10 @@ class TeacherConfig(ModelConfig):
 class ServerConfig(_Section):
     port: int = Field(0, ge=0, le=65535, description="Port for the managed vLLM server (0: a free port).")
     startup_timeout_s: float = Field(420.0, gt=0, description="Seconds to wait for the server to become healthy.")
-    kv_cache_gib: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE in GiB (CPU builds).")
+    kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache size in GiB for the vLLM CPU build (server RSS is ~2.5 GiB plus this).")
     max_model_len: int = Field(2048, ge=256, description="Context length the server allocates for.")
     enforce_eager: bool = Field(True, description="Skip torch.compile: starts in ~40 s instead of ~2 min on CPU.")
-    extra_args: list[str] = Field(default_factory=list, description="Extra `vllm serve` arguments.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra command-line arguments for the vLLM OpenAI server.")
 
 
 class ReviewConfig(_Section):
@@ -160,7 +170,6 @@ def _default_teachers() -> list[TeacherConfig]:
 class RunConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name: runs/<name>/.")
     runs_dir: str = Field("runs", description="Folder holding one sub-folder per run.")
-    seed: int = Field(0, description="Seed for sampling choices.")
     task: TaskConfig = Field(default_factory=TaskConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     teachers: list[TeacherConfig] = Field(default_factory=_default_teachers, description="The committee (N >= 2).")
@@ -289,3 +298,37 @@ def _describe_validation_error(exc: ValidationError, origin: str) -> str:
             message += f" (got {json.dumps(error['input'], default=str)[:80]})"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Documentation: the README's config reference is generated from the field descriptions.
+
+
+def config_reference_markdown() -> str:
+    """A markdown table of every config key, its default and its help text."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    sections = {
+        "": RunConfig,
+        "task.": TaskConfig,
+        "student.": StudentConfig,
+        "teachers[i].": TeacherConfig,
+        "server.": ServerConfig,
+        "review.": ReviewConfig,
+        "engine.": EngineConfig,
+    }
+    for prefix, model in sections.items():
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                continue
+            if name == "teachers":
+                default = "two embedded teachers, smol-a and smol-b"
+            elif field.is_required():
+                default = "(required)"
+            else:
+                default = json.dumps(field.get_default(call_default_factory=True), default=str)
+            rows.append(f"| `{prefix}{name}` | `{default}` | {field.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

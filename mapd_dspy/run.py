@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 from rich.console import Console
@@ -37,8 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum, frame):  # noqa: ARG001
+    # Turn `kill`/a CI timeout into a normal unwind, so the vLLM server we started is stopped.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     console = Console(stderr=True)
     if not args.verbose:
         # Per-call warnings (e.g. truncated responses) would flood the progress bars; every such

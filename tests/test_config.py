@@ -80,3 +80,9 @@ def test_public_dump_round_trips():
     config = load_config(None, ["teachers.0.api_key_env=OPENAI_API_KEY"])
     assert RunConfig.model_validate(config.public_dump()) == config
     assert config.public_dump()["teachers"][0]["api_key_env"] == "OPENAI_API_KEY"
+
+
+def test_readme_config_reference_matches_the_code():
+    from mapd_dspy.config import config_reference_markdown
+
+    assert config_reference_markdown() in (REPO / "README.md").read_text()

@@ -209,3 +209,23 @@ def test_review_prompt_treats_rationale_as_data():
 def test_record_keys_are_unique_per_role():
     rec = Record(example_id="e", stage="review", teacher="a", reviewer="b", status="ok", model="m")
     assert rec.key == ("e", "review", "a", "b")
+
+
+def test_echoed_template_is_an_invalid_output_not_an_explanation():
+    _, out = run_program(teacher_answers("{explanation}", "3 + 4 = 7", "7", "4"),
+                         teacher_answers("wrong sum", "3 + 4 = 7", "7", "4"))
+    echoed = out.explanations["a"]
+    assert echoed.status == "failed" and echoed.failure.kind == "invalid_output"
+    assert "echoed the output template" in echoed.failure.reason
+    assert out.explanations["b"].ok
+
+
+def test_truncated_json_is_reported_as_cut_off():
+    from dspy.utils.exceptions import AdapterParseError
+
+    from mapd_dspy.programs.roles import _parse_error_reason
+
+    cut = AdapterParseError("JSONAdapter", ReviewRationale, '{"critique": "wrong, wrong, wrong, wro')
+    assert "cut off" in _parse_error_reason(cut)
+    whole = AdapterParseError("JSONAdapter", ReviewRationale, '{"critique": "fine"}', message="missing score")
+    assert "cut off" not in _parse_error_reason(whole)
