@@ -49,11 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     console = Console(stderr=True)
-    if not args.verbose:
-        # Per-call warnings (e.g. truncated responses) would flood the progress bars; every such
-        # call is a failure record with its reason, counted in the summary.
-        logging.getLogger("dspy").setLevel(logging.ERROR)
-        logging.getLogger("LiteLLM").setLevel(logging.ERROR)
     # Offline-safe defaults: LiteLLM would otherwise fetch its model price map at import.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -61,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     from mapd_dspy.engine import STAGES, Run, RunError
     from mapd_dspy.summary import summary_tables
     from mapd_dspy.tasks import TaskDataError
+
+    if not args.verbose:
+        # Per-call warnings (e.g. truncated responses) would flood the progress bars; every such
+        # call is a failure record with its reason, counted in the summary. (After the imports:
+        # importing dspy configures its loggers.)
+        logging.getLogger("dspy").setLevel(logging.ERROR)
+        logging.getLogger("LiteLLM").setLevel(logging.ERROR)
 
     started = time.monotonic()
     try:

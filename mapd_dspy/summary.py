@@ -26,7 +26,7 @@ def summarize(
         "split": config.task.split,
         "questions": len(examples),
         "exam": {
-            "answered": len(exam),
+            "examined": len(exam),
             "correct": correct,
             "accuracy": round(correct / len(exam), 4) if exam else None,
             "mistakes": mistakes,
@@ -78,7 +78,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     exam = summary["exam"]
     overview = Table(title=f"MAPD run '{summary['run']}' ({summary['task']}/{summary['split']})", show_header=False)
     accuracy = f"{exam['accuracy']:.1%}" if exam["accuracy"] is not None else "-"
-    overview.add_row("exam accuracy", f"{accuracy} ({exam['correct']}/{exam['answered']})")
+    overview.add_row("exam accuracy", f"{accuracy} ({exam['correct']}/{exam['examined']})")
     overview.add_row("mistakes", str(exam["mistakes"]))
     overview.add_row("gate", summary["gate"])
     overview.add_row("accepted rationales", str(summary["accepted"]))
@@ -89,14 +89,15 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     )
     overview.add_row("failures", failures or "none")
 
-    teachers = Table(title="Per teacher")
-    for column in ("teacher", "explained", "rationales", "right", "reviewed", "peer score", "accepted", "rate"):
-        teachers.add_column(column, justify="left" if column == "teacher" else "right")
+    teachers = Table(title="Per teacher (reviewed: reviews it gave; score: mean peer score it got)")
+    columns = ("teacher", "explained", "rationales", "right", "reviewed", "score", "accepted")
+    for column in columns:
+        teachers.add_column(column, justify="left" if column == "teacher" else "right", no_wrap=True)
     for name, row in summary["teachers"].items():
-        rate = f"{row['acceptance_rate']:.0%}" if row["acceptance_rate"] is not None else "-"
+        rate = f" ({row['acceptance_rate']:.0%})" if row["acceptance_rate"] is not None else ""
         score = f"{row['mean_peer_score']:.2f}" if row["mean_peer_score"] is not None else "-"
         teachers.add_row(
             name, str(row["explanations"]), str(row["rationales"]), str(row["rationales_correct"]),
-            str(row["reviews_given"]), score, str(row["accepted"]), rate,
+            str(row["reviews_given"]), score, f"{row['accepted']}{rate}",
         )
     return [overview, teachers]

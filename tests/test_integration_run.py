@@ -46,7 +46,7 @@ def test_cli_runs_exam_teach_review_on_vllm_and_resumes_with_zero_calls(
     assert len(store.records("review")) == len(rationales_ok)  # 2 teachers: one peer review each
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["exam"]["answered"] == 3 and summary["exam"]["mistakes"] == len(
+    assert summary["exam"]["examined"] == 3 and summary["exam"]["mistakes"] == len(
         [r for r in exam if not r.correct]
     )
     decisions = [json.loads(line) for line in (run_dir / "decisions.jsonl").read_text().splitlines()]
