@@ -58,3 +58,14 @@ class ReviewRationale(dspy.Signature):
     scoring_scale: str = dspy.InputField(desc="The integer scale for the score and what its ends mean.")
     critique: str = dspy.OutputField(desc="The errors found, step by step, or why the rationale is sound.")
     score: int = dspy.OutputField(desc="One integer on the scoring scale.")
+
+
+class LearnFromMistake(dspy.Signature):
+    """You answered the question below incorrectly. The correct answer is given. Find the step
+    where your reasoning went wrong, explain why it is wrong, and then solve the question
+    correctly step by step."""
+
+    question: str = dspy.InputField(desc="The problem you attempted.")
+    your_answer: str = dspy.InputField(desc="Your previous (wrong) response.")
+    correct_answer: str = dspy.InputField(desc="The correct final answer.")
+    explanation: str = dspy.OutputField(desc="Your mistake, why it is wrong, and the corrected step-by-step solution.")
