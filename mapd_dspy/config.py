@@ -17,6 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mapd_dspy.finetune.compile import CompileSettings
+from mapd_dspy.finetune.evaluate import EvalSettings
+from mapd_dspy.finetune.train import TrainSettings
+
 EMBEDDED_DEFAULT = "embedded:smollm2-135m-instruct"
 
 
@@ -167,6 +171,9 @@ def _default_teachers() -> list[TeacherConfig]:
     return [TeacherConfig(name="smol-a"), TeacherConfig(name="smol-b")]
 
 
+Baseline = Literal["mapd", "none", "single_teacher", "all_teachers"]
+
+
 class RunConfig(_Section):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Run name: runs/<name>/.")
     runs_dir: str = Field("runs", description="Folder holding one sub-folder per run.")
@@ -176,6 +183,15 @@ class RunConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    compile: CompileSettings = Field(default_factory=CompileSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    baseline: Baseline = Field(
+        "mapd",
+        description="mapd: peer-reviewed committee; none: no distillation (evaluate the base student); "
+        "single_teacher: the first teacher, no review (the paper's baseline); all_teachers: all, no review.",
+    )
+    rounds: int = Field(1, ge=1, le=20, description="Exam -> teach -> train rounds; round k examines student r(k-1).")
 
     @model_validator(mode="after")
     def _committee_is_valid(self) -> "RunConfig":
@@ -315,6 +331,9 @@ def config_reference_markdown() -> str:
         "server.": ServerConfig,
         "review.": ReviewConfig,
         "engine.": EngineConfig,
+        "compile.": CompileSettings,
+        "train.": TrainSettings,
+        "eval.": EvalSettings,
     }
     for prefix, model in sections.items():
         for name, field in model.model_fields.items():

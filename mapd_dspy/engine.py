@@ -14,6 +14,8 @@ record of, and the vLLM server is only started when some call is actually pendin
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -26,13 +28,13 @@ import dspy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mapd_dspy.config import ConfigError, ModelConfig, RunConfig, StudentConfig
+from mapd_dspy.config import ConfigError, ModelConfig, RunConfig, StudentConfig, TeacherConfig
 from mapd_dspy.programs import AcceptanceGate, Ledger, MAPDProgram, Role, StudentExam, bind, examine
 from mapd_dspy.programs.mapd import student_response_text
 from mapd_dspy.records import RecordStore, write_json, write_jsonl
 from mapd_dspy.tasks import Example, Task, get_task
 
-STAGES = ("exam", "teach", "review")
+STAGES = ("exam", "teach", "review", "compile", "train", "eval", "report")
 EMBEDDED_TEACHER_PREFIX = "embedded-"
 
 
@@ -100,12 +102,19 @@ def check_environment(config: RunConfig) -> None:
 
 
 class ModelPool:
-    """Builds the roles, starting (or attaching to) the student's vLLM server on first need."""
+    """Builds the roles, starting (or attaching to) the student's vLLM server on first need.
+
+    Fine-tuned students are LoRA adapters served by the same server under versioned names
+    (``student-r1``, ...): a managed server is restarted with them, an attached one loads them at
+    run time (it needs ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``).
+    """
 
     def __init__(self, config: RunConfig, console: Console, stack: contextlib.ExitStack):
         self.config = config
         self.console = console
         self.stack = stack
+        self.adapters: dict[str, str] = {}
+        self._server = None
         self._api_base: str | None = None
         self._roles: dict[str, Role] = {}
 
@@ -118,12 +127,38 @@ class ModelPool:
             self._api_base = self._start_or_attach()
         return self._api_base
 
+    def serve_adapters(self, adapters: dict[str, str]) -> None:
+        """Make these LoRA adapters (served name -> folder) available to ``student(name)``."""
+        new = {name: path for name, path in adapters.items() if self.adapters.get(name) != path}
+        if not new:
+            return
+        self.adapters.update(new)
+        if self._api_base is None:
+            return  # the server starts with them when first needed
+        if self.config.student.api_base:
+            from mapd_dspy.serving import load_lora_adapter
+
+            for name, path in new.items():
+                load_lora_adapter(self._api_base, name, path)
+        else:
+            self.pause()  # restarted with the adapters on next use
+
+    def pause(self) -> None:
+        """Stop a managed server (e.g. to give training the CPU and memory); it restarts on next use."""
+        if self._server is not None:
+            self._server.stop()
+            self._server, self._api_base = None, None
+            self._roles.clear()  # roles point at the old port
+
     def _start_or_attach(self) -> str:
-        from mapd_dspy.serving import VLLMServer, attach  # vLLM is only imported in the server process
+        from mapd_dspy.serving import VLLMServer, attach, load_lora_adapter
 
         student = self.config.student
         if student.api_base:
-            return attach(student.api_base, student.served_name)
+            api_base = attach(student.api_base, student.served_name)
+            for name, path in self.adapters.items():
+                load_lora_adapter(api_base, name, path)
+            return api_base
         from mapd_dspy.models import resolve_model
 
         server_cfg = self.config.server
@@ -137,27 +172,33 @@ class ModelPool:
             max_model_len=server_cfg.max_model_len,
             enforce_eager=server_cfg.enforce_eager,
             kv_cache_gib=server_cfg.kv_cache_gib,
+            lora_modules=self.adapters or None,
+            max_lora_rank=max(16, self.config.train.lora_rank),
             extra_args=server_cfg.extra_args,
             startup_timeout_s=server_cfg.startup_timeout_s,
             log_path=log_path,
         )
         with self.console.status(f"Starting vLLM for {student.model} (log: {log_path}) ..."):
-            self.stack.enter_context(server)
-        self.console.print(f"vLLM serving [bold]{student.served_name}[/] at {server.api_base} "
-                           f"(ready in {server.startup_seconds:.0f} s)")
+            self._server = self.stack.enter_context(server)
+        names = ", ".join([student.served_name, *self.adapters])
+        self.console.print(f"vLLM serving [bold]{names}[/] at {server.api_base} (ready in {server.startup_seconds:.0f} s)")
         return server.api_base
 
-    def student(self) -> Role:
-        """The student is always vLLM-served: by the run's own server, or the one at ``api_base``."""
-        if "student" not in self._roles:
-            cfg = self.config.student
-            model = f"hosted_vllm/{cfg.served_name}"
-            self._roles["student"] = make_role("student", cfg, model, self.api_base(), self.config.engine.cache)
-        return self._roles["student"]
+    def student(self, served_name: str | None = None) -> Role:
+        """The student (or a fine-tuned student, by served name), always vLLM-served."""
+        cfg = self.config.student
+        served_name = served_name or cfg.served_name
+        key = f"student:{served_name}"
+        if key not in self._roles:
+            if served_name != cfg.served_name and served_name not in self.adapters:
+                raise RunError(f"no fine-tuned student {served_name!r}: run `--stage train` first")
+            api_base = self.api_base()
+            self._roles[key] = make_role(served_name, cfg, f"hosted_vllm/{served_name}", api_base, self.config.engine.cache)
+        return self._roles[key]
 
-    def teachers(self) -> dict[str, Role]:
+    def teachers(self, configs: list[TeacherConfig]) -> dict[str, Role]:
         roles = {}
-        for index, cfg in enumerate(self.config.teachers, start=1):
+        for index, cfg in enumerate(configs, start=1):
             if cfg.name not in self._roles:
                 if cfg.is_embedded:
                     model, api_base = f"hosted_vllm/{self.embedded_teacher_name}", self.api_base()
@@ -189,77 +230,142 @@ class RunResult:
 
 
 class Run:
+    """One MAPD run: ``rounds`` x (exam -> teach -> review -> compile -> train), then eval and report.
+
+    Round 1 lives in ``runs/<name>/``, round k in ``runs/<name>/round-k/``; the adapter trained
+    in round k is ``runs/<name>/adapter-rk`` and is served as ``student-rk``. Evaluation records
+    (stage ``eval``, keyed by served name) go to the round-1 records file.
+    """
+
     def __init__(self, config: RunConfig, console: Console | None = None):
         self.config = config
         self.console = console or Console(stderr=True)
         self.task: Task = get_task(config.task.name)
+        baseline = config.baseline
+        self.teacher_configs = config.teachers[:1] if baseline == "single_teacher" else list(config.teachers)
         self.gate = AcceptanceGate(
             threshold=config.review.threshold,
             rule=config.review.threshold_rule,
             require_correct_answer=config.review.require_correct_answer,
+            peer_review=baseline == "mapd",
         )
+        self.timings: dict[str, float] = {}
 
-    def load_examples(self) -> list[Example]:
+    # -- layout -----------------------------------------------------------------------------
+
+    def served_name(self, round_index: int) -> str:
+        """``student-r0`` is the base student; ``student-rk`` the one fine-tuned in round k."""
+        base = self.config.student.served_name
+        return base if round_index == 0 else f"{base.removesuffix('-r0')}-r{round_index}"
+
+    def round_dir(self, round_index: int) -> Path:
+        run_dir = self.config.run_dir
+        return run_dir if round_index == 1 else run_dir / f"round-{round_index}"
+
+    def adapter_dir(self, round_index: int) -> Path:
+        return self.config.run_dir / f"adapter-r{round_index}"
+
+    def trained_rounds(self) -> list[int]:
+        return [k for k in range(1, self.config.rounds + 1) if (self.adapter_dir(k) / "training_config.json").exists()]
+
+    def load_examples(self, split: str | None = None, limit: int | None = -1) -> list[Example]:
         cfg = self.config.task
-        examples = self.task.load(cfg.split, source=cfg.source, data_dir=cfg.data_dir)
-        return examples[: cfg.limit] if cfg.limit else examples
+        examples = self.task.load(split or cfg.split, source=cfg.source, data_dir=cfg.data_dir)
+        limit = cfg.limit if limit == -1 else limit
+        return examples[:limit] if limit else examples
+
+    # -- the run ----------------------------------------------------------------------------
 
     def execute(self, stages: Iterable[str] = STAGES) -> RunResult:
         stages = [s for s in STAGES if s in set(stages)]
         check_environment(self.config)
-        examples = self.load_examples()  # bad data fails here, before the run folder is touched
+        # Bad data fails here, before the run folder is touched.
+        examples = self.load_examples()
+        eval_examples = self.load_examples(self.config.eval.split, self.config.eval.limit) if "eval" in stages else []
         run_dir = self.config.run_dir
-        if "exam" not in stages and not (run_dir / "records.jsonl").exists():
+        needs_exam = {"teach", "review", "compile"} & set(stages) and self.config.baseline != "none"
+        if needs_exam and "exam" not in stages and not (run_dir / "records.jsonl").exists():
             raise RunError(f"no exam records in {run_dir}: run `--stage exam` first")
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", self.config.public_dump())
-        store = RecordStore(run_dir / "records.jsonl")
-        ledger = Ledger(store, retry_failed=self.config.engine.retry_failed)
-        results = []
+        results: list[StageResult] = []
+        summary: dict[str, Any] = {}
         with contextlib.ExitStack() as stack:
             pool = ModelPool(self.config, self.console, stack)
-            for stage in stages:
-                results.append(self._run_stage(stage, examples, ledger, pool))
-        summary = self.finish(examples, ledger)
+            pool.serve_adapters({self.served_name(k): str(self.adapter_dir(k)) for k in self.trained_rounds()})
+            if self.config.baseline != "none":
+                for round_index in range(1, self.config.rounds + 1):
+                    round_summary = self._round(round_index, stages, examples, pool, results)
+                    summary = summary or round_summary
+            if "eval" in stages:
+                results.extend(self._evaluate(eval_examples, pool))
+        self._record_timings(results)
+        if "report" in stages:
+            from mapd_dspy.report import build_report
+
+            build_report(run_dir)
         return RunResult(self.config, summary, results)
 
-    # -- stages ----------------------------------------------------------------------------
+    def _round(self, k: int, stages: list[str], examples: list[Example], pool: ModelPool, results: list) -> dict:
+        round_dir = self.round_dir(k)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        ledger = Ledger(RecordStore(round_dir / "records.jsonl"), retry_failed=self.config.engine.retry_failed)
+        for stage in ("exam", "teach", "review"):
+            if stage in stages and (stage != "review" or self.gate.peer_review):
+                results.append(self._run_stage(stage, examples, ledger, pool, k))
+        if not ledger.store.records("exam"):
+            return {}
+        summary = self.finish(examples, ledger, round_dir)
+        if "compile" in stages:
+            results.append(self._compile(k, examples, ledger))
+        if "train" in stages:
+            results.append(self._train(k, pool))
+        return summary
 
-    def _run_stage(self, stage: str, examples: list[Example], ledger: Ledger, pool: ModelPool) -> StageResult:
+    # -- LLM stages -------------------------------------------------------------------------
+
+    def _run_stage(self, stage: str, examples: list[Example], ledger: Ledger, pool: ModelPool, k: int) -> StageResult:
+        label = stage if k == 1 else f"{stage} r{k}"
         if stage == "exam":
             pending = [ex for ex in examples if ledger.done((ex.id, "exam", "", "")) is None]
-            work = lambda ex: examine(self.task, ex, role, ledger, module)  # noqa: E731
-            role = pool.student() if pending else None
+            role = pool.student(self.served_name(k - 1)) if pending else None
             module = bind(StudentExam(), role) if role else None
+
+            def work(example):
+                return examine(self.task, example, role, ledger, module)
+
         else:
             mistakes = self.mistakes(examples, ledger, require_exam=True)
             pending = [pair for pair in mistakes if self._has_pending_calls(stage, pair[0], ledger)]
             program = self._program(ledger, pool) if pending else None
-            work = lambda pair: program(example=pair[0], student_response=pair[1], stages=(stage,))  # noqa: E731
-        return self._map(stage, pending, work, ledger)
+
+            def work(pair):
+                return program(example=pair[0], student_response=pair[1], stages=(stage,))
+
+        return self._map(label, pending, work, ledger)
 
     def _program(self, ledger: Ledger, pool: ModelPool | None) -> MAPDProgram:
         review = self.config.review
-        roles = pool.teachers() if pool is not None else self._offline_roles()
+        roles = pool.teachers(self.teacher_configs) if pool is not None else self._offline_roles()
         return MAPDProgram(
             self.task,
             roles,
             gate=self.gate,
             scale=(review.scale_min, review.scale_max),
             ledger=ledger,
-            retry=review.retry,
+            retry=review.retry if self.gate.peer_review else "none",
             retry_attempts=review.retry_attempts,
         )
 
     def _offline_roles(self) -> dict[str, Role]:
         # Gate-only passes read records and never call: a placeholder LM that refuses to run.
-        return {t.name: Role(t.name, _NoCallsLM(t.model)) for t in self.config.teachers}
+        return {t.name: Role(t.name, _NoCallsLM(t.model)) for t in self.teacher_configs}
 
     def mistakes(self, examples: list[Example], ledger: Ledger, require_exam: bool = False):
         """(example, student response text) for every question the student got wrong."""
         exam_records = [ledger.store.get((ex.id, "exam", "", "")) for ex in examples]
         if require_exam and not any(exam_records):
-            raise RunError(f"no exam records in {self.config.run_dir}: run `--stage exam` first")
+            raise RunError(f"no exam records in {ledger.store.path.parent}: run `--stage exam` first")
         pairs = []
         for example, record in zip(examples, exam_records):
             if record is None or record.correct:
@@ -270,7 +376,7 @@ class Run:
         return pairs
 
     def _has_pending_calls(self, stage: str, example: Example, ledger: Ledger) -> bool:
-        names = [t.name for t in self.config.teachers]
+        names = [t.name for t in self.teacher_configs]
         if stage == "teach":
             keys = [(example.id, kind, t, "") for t in names for kind in ("explain", "rationale")]
             return any(ledger.done(key) is None for key in keys)
@@ -282,9 +388,10 @@ class Run:
                 return True
         return False
 
-    def _map(self, stage: str, items: list, work: Callable, ledger: Ledger) -> StageResult:
+    def _map(self, stage: str, items: list, work: Callable, ledger: Ledger | None) -> StageResult:
         """Run ``work`` over ``items`` with the configured concurrency and a progress bar."""
-        started, calls_before = time.monotonic(), ledger.calls_made
+        started = time.monotonic()
+        calls_before = ledger.calls_made if ledger else 0
         if items:
             with _progress(self.console) as progress, ThreadPoolExecutor(self.config.engine.concurrency) as pool:
                 bar = progress.add_task(stage, total=len(items))
@@ -300,23 +407,127 @@ class Run:
                     raise
         else:
             self.console.print(f"[dim]{stage}: nothing to do (all records present)[/]")
-        return StageResult(stage, len(items), ledger.calls_made - calls_before, round(time.monotonic() - started, 1))
+        calls = (ledger.calls_made - calls_before) if ledger else 0
+        return StageResult(stage, len(items), calls, round(time.monotonic() - started, 1))
 
     # -- gate and summary --------------------------------------------------------------------
 
-    def finish(self, examples: list[Example], ledger: Ledger) -> dict[str, Any]:
+    def finish(self, examples: list[Example], ledger: Ledger, round_dir: Path | None = None) -> dict[str, Any]:
         """Apply the gate to stored records and rewrite the derived files (no LLM call)."""
         from mapd_dspy.summary import summarize
 
+        round_dir = round_dir or self.config.run_dir
         program = self._program(ledger, pool=None)
         decisions = []
         for example, response in self.mistakes(examples, ledger):
             decisions.extend(program(example=example, student_response=response, stages=()).decisions)
-        run_dir = self.config.run_dir
-        write_jsonl(run_dir / "decisions.jsonl", [d.__dict__ for d in decisions])
-        summary = summarize(self.config, examples, ledger.store, decisions, self.gate)
-        write_json(run_dir / "summary.json", summary)
+        write_jsonl(round_dir / "decisions.jsonl", [d.__dict__ for d in decisions])
+        summary = summarize(self.config, examples, ledger.store, decisions, self.gate, self.teacher_configs)
+        write_json(round_dir / "summary.json", summary)
         return summary
+
+    # -- distillation stages -----------------------------------------------------------------
+
+    def _compile(self, k: int, examples: list[Example], ledger: Ledger) -> StageResult:
+        from mapd_dspy.finetune.compile import compile_training_set
+
+        started = time.monotonic()
+        provenance = {
+            "task": self.config.task.name,
+            "split": self.config.task.split,
+            "student": self.config.student.model,
+            "teachers": [{"name": t.name, "model": t.model} for t in self.teacher_configs],
+            "gate": self.gate.describe(),
+            "threshold": self.config.review.threshold,
+            "baseline": self.config.baseline,
+            "round": k,
+        }
+        compiled = compile_training_set(self.round_dir(k), self.task, examples, self.config.compile, provenance)
+        by_kind = compiled.counts.get("by_kind", {})
+        self.console.print(f"compile r{k}: {len(compiled.dataset)} rows ({by_kind}) -> {compiled.path}")
+        return StageResult(f"compile r{k}" if k > 1 else "compile", len(compiled.dataset), 0,
+                           round(time.monotonic() - started, 1))
+
+    def _training_set(self, k: int):
+        """Round k trains on the union of rounds 1..k's training sets (a fresh adapter on the base)."""
+        from datasets import concatenate_datasets, load_from_disk
+
+        from mapd_dspy.finetune.compile import TRAIN_SET_DIR
+
+        parts = []
+        for j in range(1, k + 1):
+            folder = self.round_dir(j) / TRAIN_SET_DIR
+            if not folder.exists():
+                raise RunError(f"no training set in {folder}: run `--stage compile` first")
+            parts.append(load_from_disk(str(folder)))
+        return concatenate_datasets(parts)
+
+    def _train(self, k: int, pool: ModelPool) -> StageResult:
+        from mapd_dspy.finetune.train import train
+        from mapd_dspy.models import resolve_model
+
+        started = time.monotonic()
+        dataset = self._training_set(k)
+        fingerprint = _dataset_fingerprint(dataset, self.config.train)
+        out_dir = self.adapter_dir(k)
+        marker = out_dir / "mapd_source.json"
+        label = f"train r{k}" if k > 1 else "train"
+        if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            self.console.print(f"[dim]{label}: adapter {out_dir} is up to date[/]")
+        else:
+            pool.pause()  # training wants both cores and the memory the server holds
+            self.console.print(f"{label}: {len(dataset)} rows, {self.config.train.method} on {self.config.student.model}")
+            result = train(dataset, resolve_model(self.config.student.model), out_dir, self.config.train)
+            write_json(marker, {"fingerprint": fingerprint, "metrics": result.metrics})
+            self.console.print(f"{label}: loss {result.metrics.get('train_loss', float('nan')):.3f}, "
+                               f"padding {result.metrics.get('padding_fraction', 0):.0%} -> {out_dir}")
+        pool.serve_adapters({self.served_name(k): str(out_dir)})
+        return StageResult(label, len(dataset), 0, round(time.monotonic() - started, 1))
+
+    def _evaluate(self, examples: list[Example], pool: ModelPool) -> list[StageResult]:
+        from mapd_dspy.finetune.evaluate import evaluate_student, pending_examples
+
+        store = RecordStore(self.config.run_dir / "records.jsonl")
+        rounds = [0, *self.trained_rounds()] if self.config.baseline != "none" else [0]
+        results, evals = [], []
+        for k in rounds:
+            label = self.served_name(k)
+            started = time.monotonic()
+            pending = pending_examples(examples, store, label)
+            role = pool.student(label) if pending else None
+            with _progress(self.console) as progress:
+                bar = progress.add_task(f"eval {label}", total=len(pending))
+                result = evaluate_student(
+                    self.task, examples, role, store, label, self.config.eval.concurrency,
+                    progress=lambda _record: progress.advance(bar),
+                ) if pending else _stored_eval(examples, store, label)
+            evals.append({"label": label, "round": k, "baseline": self.config.baseline,
+                          "split": self.config.eval.split, "accuracy": result.accuracy,
+                          "n": result.n, "correct": result.correct})
+            results.append(StageResult(f"eval {label}", len(pending), len(pending), round(time.monotonic() - started, 1)))
+        write_json(self.config.run_dir / "evals.json", evals)
+        return results
+
+    def _record_timings(self, results: list[StageResult]) -> None:
+        path = self.config.run_dir / "stages.json"
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        for result in results:
+            if result.items:  # a stage with nothing to do keeps the time it took when it ran
+                timings[result.name] = result.seconds
+        write_json(path, timings)
+
+
+def _stored_eval(examples, store, label):
+    from mapd_dspy.finetune.evaluate import result_from_records
+
+    return result_from_records(examples, store, label)
+
+
+def _dataset_fingerprint(dataset, settings) -> str:
+    digest = hashlib.sha256(settings.model_dump_json().encode())
+    for row in dataset:
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 class _NoCallsLM(dspy.BaseLM):

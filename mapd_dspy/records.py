@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-Stage = Literal["exam", "explain", "rationale", "review"]
+Stage = Literal["exam", "explain", "rationale", "review", "eval"]
 FailureKind = Literal["lm_error", "parse_error", "invalid_output"]
 RecordKey = tuple[str, str, str, str]
 

@@ -8,6 +8,7 @@ valid: run the same command again to resume.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -17,13 +18,14 @@ import time
 
 from rich.console import Console
 
-STAGE_CHOICES = ("exam", "teach", "review", "all")
+STAGE_CHOICES = ("exam", "teach", "review", "compile", "train", "eval", "report", "all")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mapd_dspy.run",
-        description="Mistake-Aware Peer-Review Distillation: exam the student, teach its mistakes, peer-review.",
+        description="Mistake-Aware Peer-Review Distillation: exam the student, teach its mistakes, peer-review, "
+        "compile a training set, fine-tune, evaluate, report.",
     )
     parser.add_argument("config", nargs="?", help="TOML config file (default: built-in defaults, see configs/default.toml)")
     parser.add_argument(
@@ -83,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 1
-    for table in summary_tables(result.summary):
+    for table in summary_tables(result.summary) if result.summary else ():
         console.print(table)
+    evals_path = config.run_dir / "evals.json"
+    if "eval" in stages and evals_path.exists():
+        for row in json.loads(evals_path.read_text()):
+            accuracy = f"{row['accuracy']:.1%}" if row["accuracy"] is not None else "-"
+            console.print(f"eval {row['label']} on {row['split']}: {accuracy} ({row['correct']}/{row['n']})")
     for stage in result.stages:
         console.print(f"[dim]{stage.name}: {stage.items} items, {stage.calls} LLM calls, {stage.seconds:.0f} s[/]")
     console.print(f"records and summary in {config.run_dir} (wall time {time.monotonic() - started:.0f} s)")

@@ -266,6 +266,27 @@ def attach(api_base: str, served_name: str, timeout_s: float = 10) -> str:
     return api_base
 
 
+def load_lora_adapter(api_base: str, name: str, path: str, timeout_s: float = 120) -> None:
+    """Load a LoRA adapter into a running vLLM server under ``name`` (runtime LoRA updating).
+
+    The server must run with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``.
+    An adapter already loaded under ``name`` is not an error.
+    """
+    base = api_base.rstrip("/")
+    try:
+        with httpx.Client(timeout=timeout_s) as client:
+            if name in _served_names(client, base):
+                return
+            response = client.post(f"{base}/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+    except httpx.HTTPError as error:
+        raise ServerError(f"could not load adapter {name!r} into {base}: {error!r}") from error
+    if response.status_code != 200:
+        raise ServerError(
+            f"{base} refused to load adapter {name!r} from {path} (HTTP {response.status_code}: "
+            f"{response.text[:300]}); start it with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=true"
+        )
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A port free right now (the OS picks it); a race with other programs is possible but rare."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

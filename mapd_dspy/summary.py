@@ -13,7 +13,12 @@ from mapd_dspy.records import Record, RecordStore
 
 
 def summarize(
-    config: RunConfig, examples: list, store: RecordStore, decisions: list[GateDecision], gate: AcceptanceGate
+    config: RunConfig,
+    examples: list,
+    store: RecordStore,
+    decisions: list[GateDecision],
+    gate: AcceptanceGate,
+    teachers: list | None = None,
 ) -> dict[str, Any]:
     ids = {example.id for example in examples}
     records = [r for r in store.records() if r.example_id in ids]
@@ -32,7 +37,7 @@ def summarize(
             "mistakes": mistakes,
         },
         "gate": gate.describe(),
-        "teachers": _per_teacher(config, records, decisions),
+        "teachers": _per_teacher(teachers or config.teachers, records, decisions),
         "rejections": dict(Counter(d.reason for d in decisions if not d.accepted)),
         "accepted": sum(1 for d in decisions if d.accepted),
         "failures": _failures(records),
@@ -40,9 +45,9 @@ def summarize(
     }
 
 
-def _per_teacher(config: RunConfig, records: list[Record], decisions: list[GateDecision]) -> dict[str, Any]:
+def _per_teacher(teachers: list, records: list[Record], decisions: list[GateDecision]) -> dict[str, Any]:
     table = {}
-    for teacher in (t.name for t in config.teachers):
+    for teacher in (t.name for t in teachers):
         own = [r for r in records if r.teacher == teacher and r.ok]
         rationales = [r for r in own if r.stage == "rationale"]
         accepted = sum(1 for d in decisions if d.teacher == teacher and d.accepted)

@@ -10,6 +10,9 @@ so they cannot enforce it; this gate does. A rationale is accepted iff
   kept 162 of 826 rationales whose answer was wrong (ARCHITECTURE.md section 5).
 
 Decisions are pure functions of stored records, so a new threshold re-applies without any LLM call.
+
+With ``peer_review=False`` the gate is the paper's no-review baselines: a rationale is accepted
+iff its call succeeded and (by default) its answer is right.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class AcceptanceGate:
     threshold: float = 3.0
     rule: Literal["gt", "ge"] = "gt"
     require_correct_answer: bool = True
+    peer_review: bool = True
 
     def passes(self, mean_score: float) -> bool:
         return mean_score > self.threshold if self.rule == "gt" else mean_score >= self.threshold
@@ -53,6 +57,10 @@ class AcceptanceGate:
 
         if not rationale.ok:
             return decision(False, "rationale_failed")
+        if not self.peer_review:
+            if self.require_correct_answer and not rationale.correct:
+                return decision(False, "wrong_answer")
+            return decision(True, "accepted")
         if mean_score is None:
             return decision(False, "no_valid_reviews")
         if not self.passes(mean_score):
@@ -62,6 +70,8 @@ class AcceptanceGate:
         return decision(True, "accepted")
 
     def describe(self) -> str:
+        if not self.peer_review:
+            return "no peer review; answer == gold" if self.require_correct_answer else "no peer review; all rationales"
         op = ">" if self.rule == "gt" else ">="
         answer = " and answer == gold" if self.require_correct_answer else ""
         return f"mean peer score {op} {self.threshold:g}{answer}"

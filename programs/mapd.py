@@ -91,11 +91,11 @@ class MAPDProgram(dspy.Module):
         retry_attempts: int = 3,
     ):
         super().__init__()
-        if len(teachers) < 2:
+        self.gate = gate or AcceptanceGate()
+        if len(teachers) < 2 and self.gate.peer_review:
             raise ValueError("MAPD needs at least two teachers: each rationale is reviewed by the others")
         self.task = task
         self.roles = dict(teachers)
-        self.gate = gate or AcceptanceGate()
         self.ledger = ledger or Ledger()
         self.retry, self.retry_attempts = retry, retry_attempts
         self.explainers = {name: bind(MistakeExplainer(), role) for name, role in self.roles.items()}
@@ -116,7 +116,7 @@ class MAPDProgram(dspy.Module):
         rationales = {t: self._write(t, example, teach) for t in self.roles}
         reviews: dict[tuple[str, str], Record] = {}
         for author, rationale in rationales.items():
-            if rationale is None or not rationale.ok:
+            if rationale is None or not rationale.ok or not self.gate.peer_review:
                 continue
             for reviewer in self.peers_of(author):
                 record = self._review(reviewer, example, rationale, review)

@@ -229,3 +229,15 @@ def test_truncated_json_is_reported_as_cut_off():
     assert "cut off" in _parse_error_reason(cut)
     whole = AdapterParseError("JSONAdapter", ReviewRationale, '{"critique": "fine"}', message="missing score")
     assert "cut off" not in _parse_error_reason(whole)
+
+
+def test_no_review_baseline_gate_accepts_right_answers_without_any_review_call():
+    gate = AcceptanceGate(peer_review=False)
+    program = MAPDProgram(svamp(), {"a": role("a", [{"explanation": "x"}, {"rationale": "3 + 4 = 7", "answer": "7"}])},
+                          gate=gate)
+    out = program(example=QUESTION, student_response="8")
+    assert out.reviews == {} and program.ledger.calls_made == 2
+    assert decision_of(out, "a").accepted and decision_of(out, "a").mean_score is None
+    assert "no peer review" in gate.describe()
+    with pytest.raises(ValueError, match="at least two teachers"):
+        MAPDProgram(svamp(), {"a": role("a", [])})
