@@ -125,7 +125,7 @@ class TeacherConfig(ModelConfig):
 class ServerConfig(_Section):
     port: int = Field(0, ge=0, le=65535, description="Port for the managed vLLM server (0: a free port).")
     startup_timeout_s: float = Field(420.0, gt=0, description="Seconds to wait for the server to become healthy.")
-    kv_cache_gib: float = Field(2.0, gt=0, description="KV-cache size in GiB for the vLLM CPU build (server RSS is ~2.5 GiB plus this).")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV-cache size in GiB for the vLLM CPU build (server RSS is ~2.5 GiB plus this).")
     max_model_len: int = Field(2048, ge=256, description="Context length the server allocates for.")
     enforce_eager: bool = Field(True, description="Skip torch.compile: starts in ~40 s instead of ~2 min on CPU.")
     extra_args: list[str] = Field(default_factory=list, description="Extra command-line arguments for the vLLM OpenAI server.")

@@ -17,6 +17,8 @@ import contextlib
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -448,26 +450,30 @@ class Run:
         return StageResult(f"compile r{k}" if k > 1 else "compile", len(compiled.dataset), 0,
                            round(time.monotonic() - started, 1))
 
-    def _training_set(self, k: int):
+    def _training_set_dir(self, k: int) -> Path:
         """Round k trains on the union of rounds 1..k's training sets (a fresh adapter on the base)."""
         from datasets import concatenate_datasets, load_from_disk
 
         from mapd_dspy.finetune.compile import TRAIN_SET_DIR
 
-        parts = []
-        for j in range(1, k + 1):
-            folder = self.round_dir(j) / TRAIN_SET_DIR
+        folders = [self.round_dir(j) / TRAIN_SET_DIR for j in range(1, k + 1)]
+        for folder in folders:
             if not folder.exists():
                 raise RunError(f"no training set in {folder}: run `--stage compile` first")
-            parts.append(load_from_disk(str(folder)))
-        return concatenate_datasets(parts)
+        if k == 1:
+            return folders[0]
+        union = self.config.run_dir / f"train_set-r1-{k}"
+        concatenate_datasets([load_from_disk(str(f)) for f in folders]).save_to_disk(str(union))
+        return union
 
     def _train(self, k: int, pool: ModelPool) -> StageResult:
-        from mapd_dspy.finetune.train import train
+        from datasets import load_from_disk
+
         from mapd_dspy.models import resolve_model
 
         started = time.monotonic()
-        dataset = self._training_set(k)
+        dataset_dir = self._training_set_dir(k)
+        dataset = load_from_disk(str(dataset_dir))
         fingerprint = _dataset_fingerprint(dataset, self.config.train)
         out_dir = self.adapter_dir(k)
         marker = out_dir / "mapd_source.json"
@@ -477,12 +483,24 @@ class Run:
         else:
             pool.pause()  # training wants both cores and the memory the server holds
             self.console.print(f"{label}: {len(dataset)} rows, {self.config.train.method} on {self.config.student.model}")
-            result = train(dataset, resolve_model(self.config.student.model), out_dir, self.config.train)
-            write_json(marker, {"fingerprint": fingerprint, "metrics": result.metrics})
-            self.console.print(f"{label}: loss {result.metrics.get('train_loss', float('nan')):.3f}, "
-                               f"padding {result.metrics.get('padding_fraction', 0):.0%} -> {out_dir}")
+            self._train_in_subprocess(dataset_dir, resolve_model(self.config.student.model), out_dir)
+            metrics = json.loads((out_dir / "training_config.json").read_text()).get("metrics", {})
+            write_json(marker, {"fingerprint": fingerprint, "metrics": metrics})
+            self.console.print(f"{label}: loss {metrics.get('train_loss', float('nan')):.3f}, "
+                               f"padding {metrics.get('padding_fraction', 0):.0%} -> {out_dir}")
         pool.serve_adapters({self.served_name(k): str(out_dir)})
         return StageResult(label, len(dataset), 0, round(time.monotonic() - started, 1))
+
+    def _train_in_subprocess(self, dataset_dir: Path, base_model: str, out_dir: Path) -> None:
+        """Train in a child process: its memory (model, optimizer, allocator caches) is returned to
+        the OS when it ends, instead of staying in the run's process beside the restarted server."""
+        command = [sys.executable, "-m", "mapd_dspy.finetune.train", "--dataset", str(dataset_dir),
+                   "--base-model", base_model, "--output-dir", str(out_dir)]
+        for key, value in self.config.train.model_dump(mode="json").items():
+            command += ["--set", f"{key}={json.dumps(value)}"]
+        completed = subprocess.run(command, stdout=subprocess.DEVNULL)  # progress and loss go to stderr
+        if completed.returncode != 0:
+            raise RunError(f"training failed (exit {completed.returncode}); its log is above")
 
     def _evaluate(self, examples: list[Example], pool: ModelPool) -> list[StageResult]:
         from mapd_dspy.finetune.evaluate import evaluate_student, pending_examples
