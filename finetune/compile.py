@@ -33,12 +33,13 @@ from typing import Any, Literal
 
 import datasets
 import dspy
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mapd_dspy.programs.mapd import student_response_text
 from mapd_dspy.records import Record, RecordFileError, RecordStore, write_jsonl
 from mapd_dspy.signatures import ExplainMistake, LearnFromMistake, ReviewRationale, SolveQuestion, WriteRationale
 from mapd_dspy.tasks import Example
+from mapd_dspy.validation import StrictSection
 
 TRAIN_SET_DIR = "train_set"
 TRAIN_SET_JSONL = "train_set.jsonl"
@@ -50,10 +51,8 @@ class CompileError(ValueError):
     """No training set can be compiled from this run; the message says why and what to do."""
 
 
-class CompileSettings(BaseModel):
+class CompileSettings(StrictSection):
     """How rows are chosen when a question has several usable teacher texts."""
-
-    model_config = ConfigDict(extra="forbid")
 
     choice: Literal["random", "best_score", "all"] = Field(
         "random",

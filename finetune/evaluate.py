@@ -19,19 +19,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from mapd_dspy.programs import Ledger, Role, StudentExam, bind
 from mapd_dspy.programs.mapd import answer_fields
 from mapd_dspy.records import Record, RecordKey, RecordStore
+from mapd_dspy.validation import StrictSection
 
 EVAL_STAGE = "eval"
 
 
-class EvalSettings(BaseModel):
+class EvalSettings(StrictSection):
     """How a student is evaluated (greedy decoding on a held-out split)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     split: str = Field("test", description="Task split to evaluate on (held out from the exam/teach split).")
     limit: int | None = Field(100, ge=1, description="Evaluate only the first N questions (None: the whole split).")

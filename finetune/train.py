@@ -38,17 +38,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from mapd_dspy.validation import StrictSection
 
 KIND_IDS: dict[str, int] = {"rationale": 0, "mistake": 1}
 MISTAKE_KIND_ID = KIND_IDS["mistake"]
 TRAINING_CONFIG_FILE = "training_config.json"
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(StrictSection):
     """Everything that shapes a fine-tuning run; saved beside the adapter as ``training_config.json``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     method: Literal["lora", "full"] = Field(
         "lora", description="lora: train a LoRA adapter on the frozen base; full: update every weight."

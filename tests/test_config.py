@@ -43,6 +43,8 @@ def test_overrides_parse_types_and_reach_list_items():
         (["teachers.1.name=smol-a"], "duplicate teacher names ['smol-a']"),
         (["teachers.0.api_key_env=sk-abc123"], "teachers.0.api_key_env"),
         (["task.limit=ten"], "task.limit"),
+        (["task.limit=true"], "task.limit: Value error, expected int | None, not a boolean"),
+        (["train.max_steps=false"], "train.max_steps: Value error, expected int, not a boolean"),
         (["review"], "expected key=value"),
     ],
 )
