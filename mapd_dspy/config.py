@@ -15,9 +15,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mapd_dspy.finetune.compile import CompileSettings
+from mapd_dspy.validation import StrictSection
 from mapd_dspy.finetune.evaluate import EvalSettings
 from mapd_dspy.finetune.train import TrainSettings
 
@@ -28,8 +29,8 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and key."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class _Section(StrictSection):
+    pass
 
 
 class TaskConfig(_Section):
@@ -79,6 +80,20 @@ class ModelConfig(_Section):
     )
     timeout_s: float = Field(120.0, gt=0, description="Per-request timeout in seconds.")
     num_retries: int = Field(2, ge=0, description="Retries with backoff on transient errors (429, 5xx, timeouts).")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="At most this many calls to this model in flight at once (unset: only engine.concurrency)."
+    )
+    rpm: float | None = Field(None, gt=0, description="At most this many requests per minute to this model (unset: no limit).")
+    tpm: float | None = Field(
+        None, gt=0, description="At most this many tokens (prompt + completion) per minute to this model (unset: no limit)."
+    )
+    price_in_per_mtok: float | None = Field(
+        None, ge=0, description="US dollars per million prompt tokens, for the cost report and engine.budget_usd "
+        "(unset: not priced, e.g. a local model)."
+    )
+    price_out_per_mtok: float | None = Field(
+        None, ge=0, description="US dollars per million completion tokens; set together with price_in_per_mtok."
+    )
 
     @field_validator("model")
     @classmethod
@@ -94,6 +109,12 @@ class ModelConfig(_Section):
         if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
             raise ValueError("must be the NAME of an environment variable (like OPENAI_API_KEY), not a key")
         return value
+
+    @model_validator(mode="after")
+    def _prices_come_in_pairs(self) -> "ModelConfig":
+        if (self.price_in_per_mtok is None) != (self.price_out_per_mtok is None):
+            raise ValueError("set both price_in_per_mtok and price_out_per_mtok, or neither")
+        return self
 
     @property
     def is_embedded(self) -> bool:
@@ -158,11 +179,67 @@ class ReviewConfig(_Section):
 
 
 class EngineConfig(_Section):
-    concurrency: int = Field(16, ge=1, le=256, description="Questions processed at once.")
+    concurrency: int = Field(
+        16, ge=1, le=256,
+        description="LLM calls in flight at once, across questions (1: one call at a time, as the reference code).",
+    )
     retry_failed: bool = Field(
         False, description="Call again for keys whose stored record is a parse/validation failure."
     )
     cache: bool = Field(True, description="Use DSPy's response cache (disk) in addition to the run's records.")
+    budget_usd: float | None = Field(
+        None, gt=0, description="Stop the run (exit 3) once its spending reaches this many US dollars: no new call "
+        "starts, calls in flight are recorded; a re-run with a higher budget resumes. Needs model prices."
+    )
+
+
+class ReflectionConfig(ModelConfig):
+    """The model that writes new instructions: MIPROv2's prompt model and GEPA's reflection model."""
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature (proposals want variety).")
+    max_tokens: int = Field(4000, ge=1, description="Completion token limit per call (proposed instructions are long).")
+
+
+class OptimizeConfig(_Section):
+    """The extra ``optimize`` stage (``--stage optimize``; not part of ``all``, it costs calls)."""
+
+    optimizer: Literal["bootstrap", "random_search", "mipro", "gepa"] = Field(
+        "bootstrap", description="DSPy optimizer: bootstrap (BootstrapFewShot), random_search "
+        "(BootstrapFewShotWithRandomSearch), mipro (MIPROv2) or gepa (GEPA).",
+    )
+    modules: list[Literal["writer", "reviewer"]] = Field(
+        default_factory=lambda: ["writer", "reviewer"],
+        description="Teacher modules to compile: writer (RationaleWriter), reviewer (Reviewer).",
+    )
+    teachers: list[str] = Field(default_factory=list, description="Teachers whose modules to compile (empty: all).")
+    train_size: int = Field(12, ge=1, description="Questions (reviewer: rationales) in the train split.")
+    dev_size: int = Field(12, ge=1, description="Questions (reviewer: rationales) in the held-out dev split for before/after.")
+    seed: int = Field(0, description="Seed of the train/dev split and of the optimizers.")
+    records: str | None = Field(
+        None, description="records.jsonl (or run folder) whose rationale records train the reviewers; default: this "
+        "run's. Without any, the teachers first write rationales for the train/dev questions.",
+    )
+    false_accept_cost: float = Field(
+        3.0, ge=1.0, description="Reviewer metric: cost of accepting a wrong rationale relative to rejecting a right one.",
+    )
+    max_bootstrapped_demos: int = Field(2, ge=0, description="Demos per predictor (all optimizers but gepa).")
+    max_rounds: int = Field(1, ge=1, description="Bootstrap attempts per training example.")
+    num_candidate_programs: int = Field(4, ge=1, description="random_search: candidate demo sets tried.")
+    num_candidates: int = Field(3, ge=1, description="mipro: instruction and demo-set candidates proposed.")
+    num_trials: int = Field(6, ge=1, description="mipro: Bayesian-search trials.")
+    minibatch_size: int = Field(25, ge=1, description="mipro: examples per minibatch evaluation.")
+    max_metric_calls: int = Field(60, ge=1, description="gepa: budget of metric calls (program runs).")
+    reflection: ReflectionConfig | None = Field(
+        None, description="Model that proposes instructions (mipro, gepa); default: each optimized teacher's own model.",
+    )
+    threads: int = Field(4, ge=1, le=64, description="Parallel calls while evaluating and optimizing.")
+
+
+class ProgramsConfig(_Section):
+    path: str | None = Field(
+        None, description="Folder of compiled teacher programs (<teacher>.<writer|reviewer|explainer>.json, written by "
+        "--stage optimize to runs/<name>/programs) that the run's teachers use; unset: zero-shot signatures.",
+    )
 
 
 def _default_teachers() -> list[TeacherConfig]:
@@ -183,6 +260,8 @@ class RunConfig(_Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
+    programs: ProgramsConfig = Field(default_factory=ProgramsConfig)
     compile: CompileSettings = Field(default_factory=CompileSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
@@ -201,6 +280,12 @@ class RunConfig(_Section):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"teachers: duplicate teacher names {duplicates}")
+        priced = [m for m in (self.student, *self.teachers) if m.price_in_per_mtok is not None]
+        if self.engine.budget_usd is not None and not priced:
+            raise ValueError(
+                "engine.budget_usd: no model has a price, so nothing would count against the budget; "
+                "set price_in_per_mtok and price_out_per_mtok on the student or teachers"
+            )
         return self
 
     @property
@@ -240,6 +325,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -334,12 +421,15 @@ def config_reference_markdown() -> str:
         "compile.": CompileSettings,
         "train.": TrainSettings,
         "eval.": EvalSettings,
+        "optimize.": OptimizeConfig,
+        "optimize.reflection.": ReflectionConfig,
+        "programs.": ProgramsConfig,
     }
     for prefix, model in sections.items():
         for name, field in model.model_fields.items():
             if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
                 continue
-            if name == "teachers":
+            if name == "teachers" and not prefix:
                 default = "two embedded teachers, smol-a and smol-b"
             elif field.is_required():
                 default = "(required)"

@@ -6,6 +6,10 @@ Stages (each reads and writes ``runs/<name>/records.jsonl``):
 * ``teach``  in: exam records that are wrong   out: ``explain`` + ``rationale`` records per teacher
 * ``review`` in: rationale records             out: one ``review`` record per (author, other teacher)
 
+Asked for together (``--stage all``), teach and review run as one pass, ``teach+review``: the calls of
+all questions share one pool of ``engine.concurrency`` threads, and a rationale's reviews start as
+soon as its record is stored. Per-model limits (``max_concurrency``, ``rpm``, ``tpm``) come on top.
+
 After the stages, the acceptance gate is applied to the stored records (no LLM call) and
 ``decisions.jsonl`` and ``summary.json`` are rewritten. A stage only calls for keys it has no
 record of, and the vLLM server is only started when some call is actually pending.
@@ -31,6 +35,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mapd_dspy.config import ConfigError, ModelConfig, RunConfig, StudentConfig, TeacherConfig
+from mapd_dspy.costs import Budget, BudgetExhausted, run_records_files
+from mapd_dspy.dspy_speedups import memoize_model_metadata, io_bound_stage
+from mapd_dspy.limits import ProviderLimiter
 from mapd_dspy.programs import AcceptanceGate, Ledger, MAPDProgram, Role, StudentExam, bind, examine
 from mapd_dspy.programs.mapd import student_response_text
 from mapd_dspy.records import RecordStore, write_json, write_jsonl
@@ -54,6 +61,7 @@ def _is_vllm_served(cfg: ModelConfig) -> bool:
 
 def make_lm(cfg: ModelConfig, model: str, api_base: str | None, cache: bool, rollout_id: int | None = None) -> dspy.LM:
     """A ``dspy.LM`` for ``cfg``; the API key is read from the named env var, never stored."""
+    memoize_model_metadata()  # DSPy's per-call metadata scan is most of its CPU cost for served models
     kwargs: dict[str, Any] = {}
     if cfg.api_key_env:
         kwargs["api_key"] = os.environ[cfg.api_key_env]
@@ -82,7 +90,8 @@ def make_role(name: str, cfg: ModelConfig, model: str, api_base: str | None, cac
     adapter = dspy.JSONAdapter() if adapter_name == "json" else None
     structured = cfg.structured_outputs if cfg.structured_outputs is not None else served_locally
     lm = make_lm(cfg, model, api_base, cache, rollout_id)
-    return Role(name=name, lm=lm, adapter=adapter, structured_outputs=structured)
+    limiter = ProviderLimiter.from_config(cfg)
+    return Role(name=name, lm=lm, adapter=adapter, structured_outputs=structured, limiter=limiter)
 
 
 def check_environment(config: RunConfig) -> None:
@@ -252,6 +261,7 @@ class Run:
             peer_review=baseline == "mapd",
         )
         self.timings: dict[str, float] = {}
+        self.budget: Budget | None = None
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -281,10 +291,15 @@ class Run:
     def execute(self, stages: Iterable[str] = STAGES) -> RunResult:
         stages = [s for s in STAGES if s in set(stages)]
         check_environment(self.config)
+        self._check_programs()
         # Bad data fails here, before the run folder is touched.
         examples = self.load_examples()
         eval_examples = self.load_examples(self.config.eval.split, self.config.eval.limit) if "eval" in stages else []
         run_dir = self.config.run_dir
+        self.budget = Budget.for_run(self.config)  # reads past spending; writes nothing
+        for records_file in run_records_files(run_dir):
+            if records_file.exists():
+                RecordStore(records_file)  # a damaged records file fails here, before anything is written
         needs_exam = {"teach", "review", "compile"} & set(stages) and self.config.baseline != "none"
         if needs_exam and "exam" not in stages and not (run_dir / "records.jsonl").exists():
             raise RunError(f"no exam records in {run_dir}: run `--stage exam` first")
@@ -311,10 +326,15 @@ class Run:
     def _round(self, k: int, stages: list[str], examples: list[Example], pool: ModelPool, results: list) -> dict:
         round_dir = self.round_dir(k)
         round_dir.mkdir(parents=True, exist_ok=True)
-        ledger = Ledger(RecordStore(round_dir / "records.jsonl"), retry_failed=self.config.engine.retry_failed)
-        for stage in ("exam", "teach", "review"):
-            if stage in stages and (stage != "review" or self.gate.peer_review):
+        ledger = Ledger(RecordStore(round_dir / "records.jsonl"), retry_failed=self.config.engine.retry_failed,
+                        budget=self.budget)
+        try:
+            for stage in self._llm_stages(stages):
                 results.append(self._run_stage(stage, examples, ledger, pool, k))
+        except BudgetExhausted:
+            if ledger.store.records("exam"):
+                self.finish(examples, ledger, round_dir)  # summary.json shows what was done and spent
+            raise
         if not ledger.store.records("exam"):
             return {}
         summary = self.finish(examples, ledger, round_dir)
@@ -326,27 +346,57 @@ class Run:
 
     # -- LLM stages -------------------------------------------------------------------------
 
+    def _llm_stages(self, stages: list[str]) -> list[str]:
+        """exam, teach, review; teach and review asked for together run as one pass, ``teach+review``,
+        so each rationale's reviews start as soon as it exists rather than after all teaching."""
+        wanted = [s for s in ("exam", "teach", "review") if s in stages and (s != "review" or self.gate.peer_review)]
+        if "teach" in wanted and "review" in wanted:
+            wanted = [s for s in wanted if s not in ("teach", "review")] + ["teach+review"]
+        return wanted
+
     def _run_stage(self, stage: str, examples: list[Example], ledger: Ledger, pool: ModelPool, k: int) -> StageResult:
         label = stage if k == 1 else f"{stage} r{k}"
         if stage == "exam":
-            pending = [ex for ex in examples if ledger.done((ex.id, "exam", "", "")) is None]
-            role = pool.student(self.served_name(k - 1)) if pending else None
-            module = bind(StudentExam(), role) if role else None
+            return self._run_exam(label, examples, ledger, pool, k)
+        # "teach+review": both in one pass per question
+        return self._run_committee(label, tuple(stage.split("+")), examples, ledger, pool)
 
-            def work(example):
-                return examine(self.task, example, role, ledger, module)
+    def _run_exam(self, label: str, examples: list[Example], ledger: Ledger, pool: ModelPool, k: int) -> StageResult:
+        pending = [ex for ex in examples if ledger.done((ex.id, "exam", "", "")) is None]
+        self._check_budget(pending)
+        role = pool.student(self.served_name(k - 1)) if pending else None
+        module = bind(StudentExam(), role) if role else None
 
-        else:
-            mistakes = self.mistakes(examples, ledger, require_exam=True)
-            pending = [pair for pair in mistakes if self._has_pending_calls(stage, pair[0], ledger)]
-            program = self._program(ledger, pool) if pending else None
-
-            def work(pair):
-                return program(example=pair[0], student_response=pair[1], stages=(stage,))
+        def work(example):
+            return examine(self.task, example, role, ledger, module)
 
         return self._map(label, pending, work, ledger)
 
-    def _program(self, ledger: Ledger, pool: ModelPool | None) -> MAPDProgram:
+    def _run_committee(self, label: str, stages: tuple[str, ...], examples: list[Example], ledger: Ledger,
+                       pool: ModelPool) -> StageResult:
+        mistakes = self.mistakes(examples, ledger, require_exam=True)
+        pending = [pair for pair in mistakes if any(self._has_pending_calls(s, pair[0], ledger) for s in stages)]
+        self._check_budget(pending)
+        # Questions run engine.concurrency at a time; their calls share one pool of that size, which
+        # caps the calls in flight (per-model limits come on top, in each role's limiter).
+        with ThreadPoolExecutor(self.config.engine.concurrency, thread_name_prefix="mapd-call") as calls:
+            program = self._program(ledger, pool, executor=calls) if pending else None
+
+            def work(pair):
+                return program(example=pair[0], student_response=pair[1], stages=stages)
+
+            try:
+                return self._map(label, pending, work, ledger)
+            except BaseException:
+                calls.shutdown(wait=False, cancel_futures=True)  # drop queued calls; running ones finish
+                raise
+
+    def _check_budget(self, pending: list) -> None:
+        """Stop before starting a server or a stage when calls are pending but the budget is spent."""
+        if pending and self.budget is not None:
+            self.budget.check()
+
+    def _program(self, ledger: Ledger, pool: ModelPool | None, executor: ThreadPoolExecutor | None = None) -> MAPDProgram:
         review = self.config.review
         roles = pool.teachers(self.teacher_configs) if pool is not None else self._offline_roles()
         return MAPDProgram(
@@ -357,11 +407,55 @@ class Run:
             ledger=ledger,
             retry=review.retry if self.gate.peer_review else "none",
             retry_attempts=review.retry_attempts,
+            executor=executor,
+            programs_dir=self.config.programs.path,
         )
 
     def _offline_roles(self) -> dict[str, Role]:
         # Gate-only passes read records and never call: a placeholder LM that refuses to run.
         return {t.name: Role(t.name, _NoCallsLM(t.model)) for t in self.teacher_configs}
+
+    # -- the extra optimize stage: not part of `all`, it costs calls --------------------------
+
+    def _check_programs(self) -> None:
+        """A bad ``programs.path`` fails before anything runs; the message names the file."""
+        from mapd_dspy.programs.optimize import ProgramStateError
+
+        if self.config.programs.path:
+            try:
+                self._program(Ledger(), pool=None)
+            except ProgramStateError as exc:
+                raise RunError(str(exc)) from None
+
+    def optimize(self) -> dict[str, Any]:
+        """``--stage optimize``: compile the teachers' writer/reviewer prompts with a DSPy optimizer into
+        ``runs/<name>/programs/`` (use them with ``programs.path``) and write before/after on a held-out
+        dev split to ``optimize.json``. See programs/optimize.py for the data and metrics."""
+        from mapd_dspy.programs.optimize import OPTIMIZE_REPORT, optimize_teachers
+
+        settings, run_dir = self.config.optimize, self.config.run_dir
+        check_environment(self.config)
+        names = [t.name for t in self.teacher_configs]
+        if unknown := sorted(set(settings.teachers) - set(names)):
+            raise ConfigError(f"optimize.teachers: unknown teacher(s) {unknown}; the teachers are {names}")
+        reflection = settings.reflection
+        if reflection is not None and reflection.api_key_env and not os.environ.get(reflection.api_key_env):
+            raise ConfigError(f"optimize.reflection.api_key_env: environment variable {reflection.api_key_env} is not set")
+        self._check_programs()
+        questions = self.load_examples(limit=None)
+        records = Path(settings.records or run_dir)
+        records = records if records.suffix == ".jsonl" else records / "records.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            pool = ModelPool(self.config, self.console, stack)
+            program = self._program(Ledger(), pool)
+            reflection_lm = None
+            if reflection is not None:
+                cfg = TeacherConfig(name="optimize-reflection", **reflection.model_dump())
+                reflection_lm = pool.teachers([cfg])[cfg.name].lm
+            report = optimize_teachers(program, questions, settings, run_dir / "programs", records, reflection_lm)
+        write_json(run_dir / OPTIMIZE_REPORT, report)
+        return report
 
     def mistakes(self, examples: list[Example], ledger: Ledger, require_exam: bool = False):
         """(example, student response text) for every question the student got wrong."""
@@ -395,7 +489,8 @@ class Run:
         started = time.monotonic()
         calls_before = ledger.calls_made if ledger else 0
         if items:
-            with _progress(self.console) as progress, ThreadPoolExecutor(self.config.engine.concurrency) as pool:
+            with (_progress(self.console) as progress, ThreadPoolExecutor(self.config.engine.concurrency) as pool,
+                  io_bound_stage()):
                 bar = progress.add_task(stage, total=len(items))
                 futures = [pool.submit(work, item) for item in items]
                 try:
@@ -512,6 +607,7 @@ class Run:
             label = self.served_name(k)
             started = time.monotonic()
             pending = pending_examples(examples, store, label)
+            self._check_budget(pending)
             role = pool.student(label) if pending else None
             with _progress(self.console) as progress:
                 bar = progress.add_task(f"eval {label}", total=len(pending))

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from mapd_dspy.costs import cost_summary, format_usd, prices_from_config, run_paid_records
 from mapd_dspy.records import Record, RecordStore, write_json
 
 PLOTS = {"accuracy": "accuracy.png", "peer_scores": "peer_scores.png", "acceptance": "acceptance.png"}
@@ -43,6 +44,8 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "teachers": per_teacher(records, decisions, teacher_names(config, records, decisions)),
         "failures": failures_by_stage(records),
         "tokens": tokens_by_stage(records),
+        # Every paid call of every round, per payer (student, teacher) and stage; dollars need prices.
+        "cost": cost_summary(run_paid_records(run_dir), prices_from_config(config)),
         "wall_seconds": _read_json(run_dir / "stages.json", None),
         "plots": dict(PLOTS),
     }
@@ -183,11 +186,31 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts += _section("Failures", ("stage", "kind", "count"), failure_rows)
     token_rows = [(s, t["calls"], t["prompt_tokens"], t["completion_tokens"]) for s, t in report["tokens"].items()]
     parts += _section("Tokens", ("stage", "calls", "prompt", "completion"), token_rows)
+    parts += _cost_md(report.get("cost"))
     if report["wall_seconds"]:
         wall_rows = [(stage, f"{seconds:.1f}") for stage, seconds in report["wall_seconds"].items()]
         parts += _section("Wall time", ("stage", "seconds"), wall_rows)
     parts += ["## Plots", ""] + [f"![{name}]({file})" for name, file in report["plots"].items()] + [""]
     return "\n".join(parts)
+
+
+def _cost_md(cost: dict[str, Any] | None) -> list[str]:
+    if not cost:
+        return []
+    rows = [
+        (name, stage, row["calls"], row["prompt_tokens"], row["completion_tokens"], format_usd(row["usd"]))
+        for name, entry in cost["by_payer"].items() for stage, row in entry["stages"].items()
+    ]
+    total = cost["total"]
+    if rows:
+        rows.append(("**total**", "", total["calls"], total["prompt_tokens"], total["completion_tokens"],
+                     format_usd(total["usd"])))
+    lines = _section("Cost (every paid call; the caller pays, so reviews count for the reviewer)",
+                     ("model", "stage", "calls", "prompt", "completion", "usd"), rows)
+    if not cost["priced"]:
+        lines.insert(-1, "No prices configured (price_in_per_mtok / price_out_per_mtok): dollars are not shown.")
+        lines.insert(-1, "")
+    return lines
 
 
 def _accuracy_md(accuracy: dict[str, Any]) -> list[str]:

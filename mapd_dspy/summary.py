@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from mapd_dspy.config import RunConfig
+from mapd_dspy.costs import cost_summary, format_usd, paid_records, prices_from_config
 from mapd_dspy.programs.gate import AcceptanceGate, GateDecision
 from mapd_dspy.records import Record, RecordStore
 
@@ -42,6 +43,8 @@ def summarize(
         "accepted": sum(1 for d in decisions if d.accepted),
         "failures": _failures(records),
         "tokens": _tokens(records),
+        # Every call this round's records file holds (all questions, superseded retries too): what was paid.
+        "cost": cost_summary(paid_records(store.path) if store.path else store.records(), prices_from_config(config)),
     }
 
 
@@ -93,6 +96,12 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
         f"{stage}/{kind} {n}" for stage, kinds in sorted(summary["failures"].items()) for kind, n in sorted(kinds.items())
     )
     overview.add_row("failures", failures or "none")
+    cost = summary.get("cost")
+    if cost:
+        total = cost["total"]
+        overview.add_row("tokens", f"{total['prompt_tokens']:,} prompt + {total['completion_tokens']:,} completion "
+                                   f"({total['calls']} calls)")
+        overview.add_row("cost", format_usd(total["usd"]) if cost["priced"] else "not priced (see price_in_per_mtok)")
 
     teachers = Table(title="Per teacher (reviewed: reviews it gave; score: mean peer score it got)")
     columns = ("teacher", "explained", "rationales", "right", "reviewed", "score", "accepted")
@@ -105,4 +114,16 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
             name, str(row["explanations"]), str(row["rationales"]), str(row["rationales_correct"]),
             str(row["reviews_given"]), score, f"{row['accepted']}{rate}",
         )
-    return [overview, teachers]
+    return [overview, teachers] + ([cost_table(summary["cost"])] if summary.get("cost") else [])
+
+
+def cost_table(cost: dict[str, Any]) -> Table:
+    """Calls, tokens and dollars per model that made calls (a teacher pays for the reviews it gives)."""
+    table = Table(title="Cost per caller (tokens in / out; $ needs price_in_per_mtok, price_out_per_mtok)")
+    for column in ("caller", "stages", "calls", "prompt", "completion", "cost"):
+        table.add_column(column, justify="left" if column in ("caller", "stages") else "right", no_wrap=True)
+    for name, entry in cost["by_payer"].items():
+        total = entry["total"]
+        table.add_row(name, ",".join(entry["stages"]), str(total["calls"]), f"{total['prompt_tokens']:,}",
+                      f"{total['completion_tokens']:,}", format_usd(total["usd"]))
+    return table

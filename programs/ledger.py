@@ -9,6 +9,7 @@ same prompt usually fails the same way and each attempt costs money.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +24,13 @@ class InvalidOutput(ValueError):
 
 
 class Ledger:
-    def __init__(self, store: RecordStore | None = None, retry_failed: bool = False):
+    def __init__(self, store: RecordStore | None = None, retry_failed: bool = False, budget: Any = None):
         self.store = store if store is not None else RecordStore.in_memory()
         self.retry_failed = retry_failed
+        # Optional spending limit (mapd_dspy.costs.Budget): checked before each call, charged after.
+        self.budget = budget
         self.calls_made = 0
+        self._count_lock = threading.Lock()  # calls run on many threads at once
 
     def done(self, key: RecordKey) -> Record | None:
         """The stored record for ``key`` if it counts as finished, else None."""
@@ -55,8 +59,11 @@ class Ledger:
         existing = self.done(key)
         if existing is not None or not allowed:
             return existing
+        if self.budget is not None:
+            self.budget.check()  # raises BudgetExhausted: no new call once the budget is spent
         result = call_module(role, module, **inputs)
-        self.calls_made += 1
+        with self._count_lock:
+            self.calls_made += 1
         fields: dict[str, Any] = {}
         failure = result.failure
         if failure is None:
@@ -79,7 +86,10 @@ class Ledger:
             seconds=result.seconds,
             **fields,
         )
-        return self.store.append(record)
+        self.store.append(record)
+        if self.budget is not None:
+            self.budget.charge(record)
+        return record
 
 
 def record_key(example_id: str, stage: Stage, teacher: str = "", reviewer: str = "") -> RecordKey:

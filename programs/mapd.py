@@ -10,7 +10,10 @@ record on disk before it is used and nothing already paid for is asked again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextvars
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
 from typing import Any, Literal
 
 import dspy
@@ -58,6 +61,40 @@ def answer_fields(task: Any, example: Any, text_field: str):
     return finish
 
 
+class _Calls:
+    """The calls of one question.
+
+    On a pool they run at once, as far as their dependencies allow. Without one they run one
+    after another, in the order submitted, when :meth:`run_queued` is called: the reference
+    code's order (explanations, rationales, then reviews), deterministic for scripted test LMs.
+    """
+
+    def __init__(self, pool: Executor | None):
+        self.pool = pool
+        self.futures: list[Future] = []
+        self._queued: deque[tuple[Future, Callable[..., Any], tuple]] = deque()
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        if self.pool is None:
+            future: Future = Future()
+            self._queued.append((future, function, args))
+        else:
+            # Each call runs in a copy of its submitter's context, so DSPy settings carry over.
+            future = self.pool.submit(contextvars.copy_context().run, function, *args)
+        self.futures.append(future)
+        return future
+
+    def run_queued(self) -> None:
+        while self._queued:
+            future, function, args = self._queued.popleft()
+            if future.set_running_or_notify_cancel():
+                future.set_result(function(*args))  # an exception propagates: forward cancels the rest
+
+    def cancel_pending(self) -> None:
+        for future in list(self.futures):
+            future.cancel()
+
+
 def student_response_text(record: Record) -> str | None:
     """What the student said, for the teacher to explain; a parse failure still has its raw text."""
     if record.ok:
@@ -89,6 +126,8 @@ class MAPDProgram(dspy.Module):
         ledger: Ledger | None = None,
         retry: Retry = "none",
         retry_attempts: int = 3,
+        executor: Executor | None = None,
+        programs_dir: str | None = None,
     ):
         super().__init__()
         self.gate = gate or AcceptanceGate()
@@ -98,32 +137,64 @@ class MAPDProgram(dspy.Module):
         self.roles = dict(teachers)
         self.ledger = ledger or Ledger()
         self.retry, self.retry_attempts = retry, retry_attempts
+        # Where the calls of a question run: a pool shared across questions (the engine's, sized
+        # engine.concurrency), or None: one after another. forward() waits on the pool, so it must
+        # not itself run on one of that pool's threads.
+        self.executor = executor
         self.explainers = {name: bind(MistakeExplainer(), role) for name, role in self.roles.items()}
         self.writers = {name: bind(RationaleWriter(), role) for name, role in self.roles.items()}
         self.reviewers = {}
         for name, role in self.roles.items():
             reviewer = Reviewer(*scale)
             self.reviewers[name] = bind(reviewer, role, {"score": reviewer.score_schema})
+        if programs_dir is not None:
+            # Compiled prompts (demos, instructions) from `--stage optimize`, checked and re-bound.
+            from mapd_dspy.programs.optimize import apply_saved_programs
+
+            apply_saved_programs(self, programs_dir)
 
     def peers_of(self, author: str) -> list[str]:
         """Every *other* teacher: nobody reviews its own rationale."""
         return [name for name in self.roles if name != author]
 
     def forward(self, example: Any, student_response: str, stages: Iterable[str] = ("teach", "review")):
+        """Teach and review one mistake, each call as soon as what it needs exists.
+
+        With an ``executor``, all explanations and rationales start at once and the reviews of a
+        rationale start as soon as its record is stored, without waiting for the other teachers.
+        Without one, the calls run one after another: explanations, rationales, then reviews.
+        """
         stages = set(stages)
         teach, review = "teach" in stages, "review" in stages
-        explanations = {t: self._explain(t, example, student_response, teach) for t in self.roles}
-        rationales = {t: self._write(t, example, teach) for t in self.roles}
-        reviews: dict[tuple[str, str], Record] = {}
-        for author, rationale in rationales.items():
-            if rationale is None or not rationale.ok or not self.gate.peer_review:
-                continue
-            for reviewer in self.peers_of(author):
-                record = self._review(reviewer, example, rationale, review)
-                if record is not None:
-                    reviews[(author, reviewer)] = record
+        calls = _Calls(self.executor if teach or review else None)
+        try:
+            explaining = {t: calls.submit(self._explain, t, example, student_response, teach) for t in self.roles}
+            writing = {t: calls.submit(self._write_then_review, t, example, calls, teach, review) for t in self.roles}
+            calls.run_queued()
+            rationales, reviewing = {}, {}
+            for author, future in writing.items():
+                rationales[author], reviewing_author = future.result()
+                reviewing.update(reviewing_author)
+            explanations = {t: future.result() for t, future in explaining.items()}
+            reviews = {pair: record for pair, future in reviewing.items() if (record := future.result()) is not None}
+        except BaseException:
+            calls.cancel_pending()  # e.g. the budget ran out: start nothing more for this question
+            raise
         decisions = self.decide(rationales, reviews)
         return dspy.Prediction(explanations=explanations, rationales=rationales, reviews=reviews, decisions=decisions)
+
+    def _write_then_review(
+        self, author: str, example: Any, calls: "_Calls", teach: bool, review: bool
+    ) -> tuple[Record | None, dict[tuple[str, str], Future]]:
+        """The rationale, then its peer reviews *submitted* (not awaited: no pool thread waits on another)."""
+        rationale = self._write(author, example, teach)
+        if rationale is None or not rationale.ok or not self.gate.peer_review:
+            return rationale, {}
+        reviewing = {
+            (author, reviewer): calls.submit(self._review, reviewer, example, rationale, review)
+            for reviewer in self.peers_of(author)
+        }
+        return rationale, reviewing
 
     def decide(self, rationales: dict[str, Record | None], reviews: dict[tuple[str, str], Record]) -> list[GateDecision]:
         decisions = []

@@ -15,7 +15,9 @@ from typing import Any
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
+from dspy.utils.usage_tracker import track_usage
 
+from mapd_dspy.limits import ProviderLimiter
 from mapd_dspy.records import Failure
 
 
@@ -25,6 +27,7 @@ class Role:
     lm: dspy.BaseLM
     adapter: dspy.Adapter | None = None  # None: DSPy's default (ChatAdapter, JSON fallback)
     structured_outputs: bool = False
+    limiter: ProviderLimiter | None = None  # this provider's in-flight / rpm / tpm limits
 
     @property
     def model(self) -> str:
@@ -71,17 +74,31 @@ class CallResult:
 
 
 def call_module(role: Role, module: dspy.Module, **inputs: Any) -> CallResult:
-    """Run ``module`` for ``role``; LM errors and unparseable answers become failures."""
+    """Run ``module`` for ``role``; LM errors and unparseable answers become failures.
+
+    The call first waits for a slot of the role's limiter (in-flight, rpm, tpm), if it has one.
+    """
+    if role.limiter is None:
+        return _call(role, module, inputs)
+    with role.limiter.slot() as slot:
+        result = _call(role, module, inputs)
+        slot.tokens = sum(result.usage.values())
+    return result
+
+
+def _call(role: Role, module: dspy.Module, inputs: dict[str, Any]) -> CallResult:
     started = time.monotonic()
     prediction, failure = None, None
-    with dspy.context(adapter=role.adapter, track_usage=True):
+    # Our own tracker rather than the prediction's usage: a call whose answer fails to parse was
+    # paid for too, and then there is no prediction to carry it.
+    with dspy.context(adapter=role.adapter, track_usage=True), track_usage() as tracker:
         try:
             prediction = module(**inputs)
         except AdapterParseError as exc:
             failure = Failure(kind="parse_error", reason=_parse_error_reason(exc), raw=exc.lm_response)
         except Exception as exc:  # noqa: BLE001 - any provider/transport error is recorded, not raised
             failure = Failure(kind="lm_error", reason=f"{type(exc).__name__}: {_first_line(exc)}")
-    usage = _usage_of(prediction)
+    usage = _token_totals(tracker.get_total_tokens())
     return CallResult(prediction, failure, usage, round(time.monotonic() - started, 3))
 
 
@@ -98,11 +115,11 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:500]
 
 
-def _usage_of(prediction: dspy.Prediction | None) -> dict[str, int]:
-    if prediction is None or not prediction.get_lm_usage():
+def _token_totals(usage_by_model: dict[str, dict[str, Any]] | None) -> dict[str, int]:
+    if not usage_by_model:
         return {}
     totals: dict[str, int] = {}
-    for per_model in prediction.get_lm_usage().values():
+    for per_model in usage_by_model.values():
         for key in ("prompt_tokens", "completion_tokens"):
             value = per_model.get(key)
             if isinstance(value, int):
