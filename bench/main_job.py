@@ -2,9 +2,10 @@
 
     .venv/bin/python bench/main_job.py [-- extra run.py arguments]
 
-Runs ``python -m mapd_dspy.run`` as a child process, samples the resident memory of it and
-all its descendants (the vLLM server included) every 0.25 s, and prints one JSON line.
-Peak RSS summed over processes overcounts shared pages a little; it is an upper bound.
+Runs ``python -m mapd_dspy.run`` as a child process, samples the memory of it and all its
+descendants (the vLLM server and the training process included) every 0.5 s, and prints one
+JSON line. Peak RSS summed over processes counts shared pages once per process (an upper
+bound); peak PSS shares them out, so it is the tree's real footprint.
 """
 
 from __future__ import annotations
@@ -14,25 +15,27 @@ import subprocess
 import sys
 import time
 
-from mapd_dspy.serving import process_tree_rss_bytes
+from mapd_dspy.serving import process_tree_pss_bytes, process_tree_rss_bytes
 
 
 def main(extra_args: list[str]) -> dict:
     command = [sys.executable, "-m", "mapd_dspy.run", *extra_args]
     started = time.monotonic()
     process = subprocess.Popen(command)
-    peak = 0
+    peak_rss = peak_pss = 0
     while process.poll() is None:
         try:
-            peak = max(peak, process_tree_rss_bytes(process.pid))
+            peak_rss = max(peak_rss, process_tree_rss_bytes(process.pid))
+            peak_pss = max(peak_pss, process_tree_pss_bytes(process.pid))
         except OSError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.5)
     return {
         "command": " ".join(command[1:]),
         "exit_code": process.returncode,
         "wall_seconds": round(time.monotonic() - started, 1),
-        "peak_rss_gib": round(peak / 2**30, 2),
+        "peak_rss_gib": round(peak_rss / 2**30, 2),
+        "peak_pss_gib": round(peak_pss / 2**30, 2),
     }
 
 

@@ -23,7 +23,8 @@ REFERENCE_PAD_LENGTH = 512  # the reference code pads every example to 512 token
 
 
 def token_lengths(rows: list[dict], tokenizer) -> list[int]:
-    return [len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)) for row in rows]
+    texts = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False) for row in rows]
+    return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
 
 def main() -> None:
@@ -34,13 +35,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in args.train_set.read_text().splitlines() if line.strip()]
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
-    lengths = token_lengths(rows, tokenizer)
-    kept = [min(length, REFERENCE_PAD_LENGTH) for length in lengths]
+    full_lengths = token_lengths(rows, tokenizer)
+    # Training cuts examples at train.max_length (512 by default, the reference's length too), so
+    # every strategy is compared on the same truncated examples.
+    lengths = kept = [min(length, REFERENCE_PAD_LENGTH) for length in full_lengths]
     pad_to_512 = 1 - sum(kept) / (REFERENCE_PAD_LENGTH * len(kept))
     order_random = sampling_order(lengths, args.batch_size, group_by_length=False, seed=0)
     order_grouped = sampling_order(lengths, args.batch_size, group_by_length=True, seed=0)
     result = {
         "rows": len(rows),
+        "mean_tokens_untruncated": round(sum(full_lengths) / len(full_lengths), 1),
         "mean_tokens": round(sum(lengths) / len(lengths), 1),
         "batch_size": args.batch_size,
         "padding_pad_to_512": round(pad_to_512, 3),

@@ -33,7 +33,7 @@ class EvalSettings(StrictSection):
     """How a student is evaluated (greedy decoding on a held-out split)."""
 
     split: str = Field("test", description="Task split to evaluate on (held out from the exam/teach split).")
-    limit: int | None = Field(100, ge=1, description="Evaluate only the first N questions (None: the whole split).")
+    limit: int | None = Field(50, ge=1, description="Evaluate only the first N questions (None: the whole split).")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (0: greedy, comparable runs).")
     max_tokens: int = Field(384, ge=1, description="Completion token limit per answer.")
     concurrency: int = Field(16, ge=1, le=256, description="Questions sent to the server at once.")

@@ -70,8 +70,8 @@ class TrainSettings(StrictSection):
     epochs: float = Field(1.0, gt=0.0, description="Passes over the training set (ignored if max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 = use epochs.")
     learning_rate: float = Field(2e-4, gt=0.0, description="Peak learning rate (linear decay).")
-    batch_size: int = Field(4, ge=1, description="Examples per device per forward pass.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    batch_size: int = Field(2, ge=1, description="Examples per device per forward pass. With accumulation 2 the optimizer still sees 4 per step; SmolLM2 on CPU peaked at 8.1 GiB with 4 at once, 4.5 GiB with 2.")
+    gradient_accumulation_steps: int = Field(2, ge=1, description="Forward passes per optimizer step.")
     max_length: int = Field(512, ge=8, description="Tokens per example (prompt + completion); longer is cut.")
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding, faster steps)."

@@ -43,7 +43,7 @@ class TaskConfig(_Section):
     data_dir: str | None = Field(
         None, description="Folder holding one sub-folder per task; default $MAPD_DATA_DIR or ../shared/data."
     )
-    limit: int | None = Field(60, ge=1, description="Examine only the first N questions (None: the whole split).")
+    limit: int | None = Field(40, ge=1, description="Examine only the first N questions (None: the whole split).")
 
     @field_validator("name")
     @classmethod

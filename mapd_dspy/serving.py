@@ -310,6 +310,12 @@ def process_tree_rss_bytes(root_pid: int) -> int:
     return sum(_rss_bytes(pid) for pid in _descendants(root_pid) | {root_pid})
 
 
+def process_tree_pss_bytes(root_pid: int) -> int:
+    """Proportional set size of the tree: shared pages (torch's libraries, loaded by the run, the
+    vLLM server and its engine process alike) are counted once across the processes, unlike RSS."""
+    return sum(_pss_bytes(pid) for pid in _descendants(root_pid) | {root_pid})
+
+
 # ----- helpers ------------------------------------------------------------------------------
 def _served_names(client: httpx.Client, api_base: str) -> list[str]:
     response = client.get(f"{api_base}/models")
@@ -391,6 +397,17 @@ def _descendants(root_pid: int) -> set[int]:
                 found.add(child)
                 frontier.append(child)
     return found
+
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _rss_bytes(pid: int) -> int:
