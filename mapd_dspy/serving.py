@@ -400,22 +400,20 @@ def _descendants(root_pid: int) -> set[int]:
 
 
 def _pss_bytes(pid: int) -> int:
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    for line in rollup.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _proc_kib_field(f"/proc/{pid}/smaps_rollup", "Pss:") * 1024
 
 
 def _rss_bytes(pid: int) -> int:
+    return _proc_kib_field(f"/proc/{pid}/status", "VmRSS:") * 1024
+
+
+def _proc_kib_field(path: str, field: str) -> int:
+    """The kB value of ``field`` in a /proc file; 0 if the process is gone."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        text = Path(path).read_text()
     except OSError:
         return 0
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+    for line in text.splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
     return 0
