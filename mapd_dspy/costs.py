@@ -22,9 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from mapd_dspy.records import Record
+from mapd_dspy.records import Record, RecordStore
 
 STUDENT = "student"
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens")
@@ -83,20 +81,11 @@ def record_usd(record: Record, prices: dict[str, Price]) -> float | None:
 def paid_records(path: str | Path) -> list[Record]:
     """Every record line of one records file, superseded ones included (they were paid for too).
 
-    Lenient on purpose: a torn last line (a killed process) or a damaged line is skipped here; the
-    record store itself reports real damage when the run reads the file.
+    Read like the record store reads it: a torn last line (a killed process) is dropped, damage
+    anywhere else is a :class:`~mapd_dspy.records.RecordFileError` naming the file and line.
     """
     path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                records.append(Record.model_validate_json(line))
-            except ValidationError:
-                continue
-    return records
+    return list(RecordStore.read_all(path)) if path.exists() else []
 
 
 def run_records_files(run_dir: str | Path) -> list[Path]:

@@ -75,7 +75,7 @@ class RecordStore:
         self._lock = threading.Lock()
         self._latest: dict[RecordKey, Record] = {}
         if self.path is not None and self.path.exists():
-            for record in self._read(self.path):
+            for record in self.read_all(self.path):
                 self._latest[record.key] = record
 
     @classmethod
@@ -86,7 +86,8 @@ class RecordStore:
     # -- reading ---------------------------------------------------------------------------
 
     @staticmethod
-    def _read(path: Path) -> Iterator[Record]:
+    def read_all(path: Path) -> Iterator[Record]:
+        """Every record line of ``path`` in order, superseded ones included (the store keeps the last per key)."""
         lines = path.read_text(encoding="utf-8").splitlines()
         for number, line in enumerate(lines, start=1):
             if not line.strip():
